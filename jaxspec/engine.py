@@ -1,0 +1,137 @@
+"""The decode engine: state init, prefill, and the on-device loop over a method's step.
+
+Everything here is a pure function of (params, state); `graphdef`, the method, the sampling
+config and the EOS ids are static. `run_steps` is one `jax.lax.while_loop`: no host round trip
+per step. The same compiled `run_steps` drives streaming (one step per call).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxspec.decode_state import DecodeState, append_tokens
+from jaxspec.errors import PromptTooLongError
+from jaxspec.models.kv_cache import advance, init_cache
+from jaxspec.sampling import SamplingConfig, sample_tokens
+
+PROMPT_BUCKET = 32  # prompts are padded to a multiple of this: fewer recompiles
+CACHE_BUCKET = 128  # cache slots are a multiple of this (kernel block friendly)
+
+
+def _round_up(x: int, m: int) -> int:
+  return int(math.ceil(x / m) * m)
+
+
+def plan_sizes(prompt_lens: Sequence[int], max_new_tokens: int, method, max_positions: int,
+               cache_len: int | None = None) -> tuple[int, int, int]:
+  """(padded prompt length P, cache slots S, decode step budget). Raises PromptTooLongError."""
+  longest = max(prompt_lens)
+  need = longest + max_new_tokens + method.scratch_tokens
+  if longest + max_new_tokens > max_positions:
+    raise PromptTooLongError(
+        f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        f"{max_positions} positions; shorten the prompt or lower max_new_tokens")
+  P = _round_up(longest, PROMPT_BUCKET)
+  S = _round_up(max(need, P), CACHE_BUCKET)
+  if cache_len is not None:
+    if need > cache_len:
+      raise PromptTooLongError(
+          f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) + {method.scratch_tokens} "
+          f"scratch slots do not fit cache_len={cache_len}; raise cache_len or shorten the prompt")
+    S = max(cache_len, P)
+  return P, S, max(max_new_tokens - 1, 0)
+
+
+def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, method, key,
+               num_slots: int, max_steps: int, cache_dtype) -> DecodeState:
+  """Host-side construction of the initial state (before prefill)."""
+  B = len(prompts)
+  N = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET) + max_new_tokens + method.max_commit + 1
+  tokens = np.zeros((B, N), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, : len(p)] = p
+  lens = np.array([len(p) for p in prompts], np.int32)
+  steps = max(max_steps, 1)
+  return DecodeState(
+      tokens=jnp.asarray(tokens),
+      num_tokens=jnp.asarray(lens),
+      prompt_lens=jnp.asarray(lens),
+      max_new=jnp.full((B,), max_new_tokens, jnp.int32),
+      cache=init_cache(config, B, num_slots, cache_dtype),
+      key=key,
+      done=jnp.asarray(np.full((B,), max_new_tokens <= 0)),
+      step=jnp.zeros((), jnp.int32),
+      committed=jnp.zeros((steps, B), jnp.int32),
+      accepted=jnp.zeros((steps, B), jnp.int32),
+      method_state=method.init_method_state(config, B),
+  )
+
+
+def prefill(params, state: DecodeState, *, graphdef, prompt_len: int, sampling: SamplingConfig,
+            eos_ids: tuple[int, ...], attn_impl: str = "auto") -> DecodeState:
+  """Run the padded prompts [B, P] through the model, commit each row's prompt K/V and sample
+  the first new token from the logits at its last prompt position."""
+  model = nnx.merge(graphdef, params)
+  B = state.batch_size
+  prompt_BxP = state.tokens[:, :prompt_len]
+  positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (B, prompt_len))
+  causal_PxP = jnp.tril(jnp.ones((prompt_len, prompt_len), bool))
+  logits_Bx1xV, _, cache = model(state.cache, prompt_BxP, positions_BxP, causal_PxP,
+                                 logits_index_BxN=(state.prompt_lens - 1)[:, None], attn_impl=attn_impl)
+  key, sub = jax.random.split(state.key)
+  first_B = sample_tokens(logits_Bx1xV[:, 0], sub, sampling)
+  state, _ = append_tokens(state.replace(key=key), first_B[:, None], jnp.ones((B,), jnp.int32), eos_ids)
+  return state.replace(cache=advance(cache, state.prompt_lens))
+
+
+def run_steps(params, state: DecodeState, num_steps: jax.Array, *, graphdef, method, sampling,
+              eos_ids, attn_impl: str = "auto") -> DecodeState:
+  """Up to `num_steps` decode steps on device, stopping early when every row is done."""
+  model = nnx.merge(graphdef, params)
+  limit = jnp.minimum(state.step + num_steps, state.committed.shape[0])
+
+  def cond(s):
+    return (s.step < limit) & ~jnp.all(s.done)
+
+  def body(s):
+    return method.step(model, s, sampling, eos_ids, attn_impl)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl"),
+                      donate_argnames=("state",))
+run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl"),
+                        donate_argnames=("state",))
+
+
+class CompiledCache:
+  """Ahead-of-time compiled executables keyed by static args and argument shapes.
+
+  Lets callers time compilation separately from execution, and reuse executables across calls.
+  """
+
+  def __init__(self):
+    self._store: dict[Any, Any] = {}
+
+  def get(self, jitted, args: tuple, static: dict) -> tuple[Any, float]:
+    """(compiled executable, seconds spent compiling now: 0.0 when reused)."""
+    sig = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), args)
+    key = (id(jitted), tuple(sorted(static.items())), str(jax.tree.structure(args)), str(sig))
+    if key in self._store:
+      return self._store[key], 0.0
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    self._store[key] = compiled
+    return compiled, time.perf_counter() - t0
+
+
+COMPILED = CompiledCache()

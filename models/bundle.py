@@ -1,0 +1,76 @@
+"""A loaded model: config, NNX graphdef + params (split once), and its tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.errors import ModelFolderError
+from jaxspec.models.config import ModelConfig
+
+
+def default_dtype():
+  """fp32 on CPU (bf16 matmuls are slow there), bf16 on TPU/GPU."""
+  return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  name: str
+  path: Path
+  config: ModelConfig
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  tokenizer: Any
+  dtype: Any
+  # Per-bundle state that methods keep across calls (e.g. Token Recycling's adjacency matrix).
+  method_memory: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    ids = set(self.config.eos_token_ids)
+    if getattr(self.tokenizer, "eos_token_id", None) is not None:
+      ids.add(int(self.tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+
+  @property
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.params))
+
+  @property
+  def param_bytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+
+  def model(self):
+    """The NNX module (merged view of graphdef + params)."""
+    return nnx.merge(self.graphdef, self.params)
+
+
+def load_tokenizer(folder: Path):
+  from transformers import AutoTokenizer  # heavy import, only when loading
+  try:
+    return AutoTokenizer.from_pretrained(str(folder))
+  except Exception as e:  # transformers raises many types for broken folders
+    raise ModelFolderError(f"cannot load the tokenizer from {folder} ({type(e).__name__}: {e}); "
+                           "the folder needs tokenizer.json/tokenizer_config.json") from e
+
+
+def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progress: bool = True,
+               place=None) -> ModelBundle:
+  """Load a registered name, a local HF folder or a hub id into a ModelBundle.
+
+  dtype defaults to fp32 on CPU and bf16 on accelerators.
+  """
+  from jaxspec.models.hf_loader import load_decoder
+  from jaxspec.models.pull import resolve_model_path
+
+  dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
+  folder = resolve_model_path(str(model), progress=progress)
+  config, graphdef, params = load_decoder(folder, dtype=dtype, place=place)
+  return ModelBundle(name=str(model), path=Path(folder), config=config, graphdef=graphdef,
+                     params=params, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype))

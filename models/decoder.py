@@ -1,0 +1,145 @@
+"""Flax NNX decoder for the Llama family (SmolLM2, Llama 2/3, Mistral) and Qwen2/2.5.
+
+GQA, RoPE (HF convention), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v bias.
+Every parameter carries logical axis names (`logical_axes` metadata) for jaxspec.sharding.
+
+The forward implements the one forward contract (ARCHITECTURE.md):
+  logits, hidden, cache = model(cache, tokens[B,T], positions[B,T], tree_mask[T,T], capture)
+New K/V go to scratch slots after each row's committed prefix; `cache.lengths` is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspec.kernels import tree_attention
+from jaxspec.models.config import ModelConfig
+from jaxspec.models.kv_cache import KVCache, write_scratch
+from jaxspec.models.rope import apply_rope, rope_cos_sin
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", scale=0.02):
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x_BxTxE: jax.Array, weight_E: jax.Array, eps: float) -> jax.Array:
+  x32 = x_BxTxE.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (x32 * weight_E.astype(jnp.float32)).astype(x_BxTxE.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, c: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.c = c
+    E, H, K, D = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_ExHD = _param(rngs, (E, H * D), ("embed", "heads"), dtype)
+    self.k_ExKD = _param(rngs, (E, K * D), ("embed", "kv_heads"), dtype)
+    self.v_ExKD = _param(rngs, (E, K * D), ("embed", "kv_heads"), dtype)
+    self.o_HDxE = _param(rngs, (H * D, E), ("heads", "embed"), dtype)
+    if c.qkv_bias:
+      self.q_bias = _param(rngs, (H * D,), ("heads",), dtype, init="zeros")
+      self.k_bias = _param(rngs, (K * D,), ("kv_heads",), dtype, init="zeros")
+      self.v_bias = _param(rngs, (K * D,), ("kv_heads",), dtype, init="zeros")
+
+  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl):
+    c = self.c
+    B, T, _ = x_BxTxE.shape
+    q = x_BxTxE @ self.q_ExHD[...]
+    k = x_BxTxE @ self.k_ExKD[...]
+    v = x_BxTxE @ self.v_ExKD[...]
+    if c.qkv_bias:
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    q_BxTxHxD = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
+    k_BxTxKxD = apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
+    v_BxTxKxD = v.reshape(B, T, c.num_kv_heads, c.head_dim)
+    k_cache = write_scratch(k_cache, k_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
+    v_cache = write_scratch(v_cache, v_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
+    o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, impl=attn_impl)
+    out = o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim) @ self.o_HDxE[...]
+    return out, k_cache, v_cache
+
+
+class Mlp(nnx.Module):
+  def __init__(self, c: ModelConfig, dtype, rngs: nnx.Rngs):
+    E, F = c.embed_dim, c.mlp_dim
+    self.gate_ExF = _param(rngs, (E, F), ("embed", "mlp"), dtype)
+    self.up_ExF = _param(rngs, (E, F), ("embed", "mlp"), dtype)
+    self.down_FxE = _param(rngs, (F, E), ("mlp", "embed"), dtype)
+
+  def __call__(self, x_BxTxE):
+    h = jax.nn.silu(x_BxTxE @ self.gate_ExF[...]) * (x_BxTxE @ self.up_ExF[...])
+    return h @ self.down_FxE[...]
+
+
+class Block(nnx.Module):
+  def __init__(self, c: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.c = c
+    self.attn_norm_E = _param(rngs, (c.embed_dim,), ("embed",), dtype, init="ones")
+    self.attn = Attention(c, dtype, rngs)
+    self.mlp_norm_E = _param(rngs, (c.embed_dim,), ("embed",), dtype, init="ones")
+    self.mlp = Mlp(c, dtype, rngs)
+
+  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl):
+    h = rms_norm(x_BxTxE, self.attn_norm_E[...], self.c.rms_norm_eps)
+    a, k_cache, v_cache = self.attn(h, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl)
+    x_BxTxE = x_BxTxE + a
+    x_BxTxE = x_BxTxE + self.mlp(rms_norm(x_BxTxE, self.mlp_norm_E[...], self.c.rms_norm_eps))
+    return x_BxTxE, k_cache, v_cache
+
+
+class Decoder(nnx.Module):
+  """Decoder-only transformer. Build with random weights, or load with jaxspec.models.load."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs or nnx.Rngs(0)
+    c = self.config = config
+    self.embed_VxE = _param(rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), dtype)
+    self.blocks = nnx.List([Block(c, dtype, rngs) for _ in range(c.num_layers)])
+    self.final_norm_E = _param(rngs, (c.embed_dim,), ("embed",), dtype, init="ones")
+    if not c.tie_embeddings:
+      self.lm_head_ExV = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), dtype)
+
+  def logits(self, x_BxTxE: jax.Array) -> jax.Array:
+    """LM head on final-normed states; fp32 logits [B, T, V]."""
+    if self.config.tie_embeddings:
+      return jnp.einsum("bte,ve->btv", x_BxTxE, self.embed_VxE[...], preferred_element_type=jnp.float32)
+    return jnp.einsum("bte,ev->btv", x_BxTxE, self.lm_head_ExV[...], preferred_element_type=jnp.float32)
+
+  def __call__(
+      self,
+      cache: KVCache,
+      tokens_BxT: jax.Array,
+      positions_BxT: jax.Array,
+      tree_mask_TxT: jax.Array,
+      capture: Sequence[int] = (),
+      logits_index_BxN: jax.Array | None = None,
+      attn_impl: str = "auto",
+  ) -> tuple[jax.Array, dict[int, jax.Array], KVCache]:
+    """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
+    `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
+
+    `capture` layer ids are 0-based block indices; -1 means the last block.
+    """
+    c = self.config
+    capture = {l % c.num_layers for l in capture}
+    x = self.embed_VxE[...][tokens_BxT]
+    cos, sin = rope_cos_sin(positions_BxT, c.head_dim, c.rope_theta)
+    ks, vs, hidden = list(cache.k), list(cache.v), {}
+    for i, block in enumerate(self.blocks):
+      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], cache.lengths, tree_mask_TxT, attn_impl)
+      if i in capture:
+        hidden[i] = x
+    x = rms_norm(x, self.final_norm_E[...], c.rms_norm_eps)
+    if logits_index_BxN is not None:
+      x = jnp.take_along_axis(x, logits_index_BxN[:, :, None], axis=1)
+    return self.logits(x), hidden, cache.replace(k=tuple(ks), v=tuple(vs))
