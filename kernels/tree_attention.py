@@ -1,17 +1,20 @@
 """`tree_attention`: one entry point, several implementations chosen by `impl`.
 
 impl="auto" picks the Pallas kernel for the backend (TPU: Mosaic, GPU: Triton) and the XLA
-reference elsewhere (CPU). "xla" forces the reference. Every implementation satisfies the
-contract documented in `tree_attention_reference`.
+reference elsewhere (CPU). "xla" forces the reference; "pallas_tpu" / "pallas_gpu" force a
+kernel (on CPU only with interpret=True). Every implementation satisfies the contract
+documented in `tree_attention_reference`.
 """
 
 from __future__ import annotations
 
 import jax
 
+from jaxspec.kernels.tree_attention_gpu import tree_attention_gpu
 from jaxspec.kernels.tree_attention_reference import tree_attention_reference
+from jaxspec.kernels.tree_attention_tpu import tree_attention_tpu
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -19,13 +22,21 @@ def resolve_impl(impl: str = "auto") -> str:
   if impl not in IMPLS:
     raise ValueError(f"unknown tree attention impl {impl!r}; choose one of {IMPLS}")
   if impl == "auto":
-    return "xla"
+    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
   return impl
 
 
 def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT, *,
-                   impl: str = "auto", scale: float | None = None) -> jax.Array:
-  """Attention of T new queries over each row's prefix and the tree-masked new tokens: [B,T,H,D]."""
+                   impl: str = "auto", scale: float | None = None,
+                   interpret: bool = False) -> jax.Array:
+  """Attention of T new queries over each row's prefix and the tree-masked new tokens: [B,T,H,D].
+
+  interpret=True runs a Pallas kernel in interpret mode (CPU, for tests); the XLA path ignores it.
+  """
   impl = resolve_impl(impl)
-  return tree_attention_reference(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B,
-                                  tree_mask_TxT, scale=scale)
+  args = (q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
+  if impl == "pallas_tpu":
+    return tree_attention_tpu(*args, scale=scale, interpret=interpret)
+  if impl == "pallas_gpu":
+    return tree_attention_gpu(*args, scale=scale, interpret=interpret)
+  return tree_attention_reference(*args, scale=scale)

@@ -38,8 +38,9 @@ class BlockSizes:
 
   block_q: new tokens per query block; its G heads come with it, so the MXU sees G*block_q
     rows. Rounded to a multiple of 16 (bf16 sublane tiling) and capped at T rounded up.
-  block_k: cache slots per kv grid step. A multiple of 128 keeps the [rows, block_k] scores
-    lane-dense; used as S itself when S <= block_k.
+  block_k: cache slots per kv grid step, a multiple of 16 (128 keeps the [rows, block_k]
+    scores lane-dense); S itself is used when S <= block_k.
+  The new tokens are padded to a multiple of 128 columns (lane-dense tree scores).
   """
   block_q: int = 128
   block_k: int = 512
@@ -47,7 +48,7 @@ class BlockSizes:
 
 def _layout(G: int, T: int, block_q: int) -> layout.PackedLayout:
   Q = min(layout.round_up(block_q, 16), layout.round_up(T, 16))
-  return layout.PackedLayout.make(G=G, T=T, Q=Q, R=G * Q, C=layout.round_up(T, 16))
+  return layout.PackedLayout.make(G=G, T=T, Q=Q, R=G * Q, C=layout.round_up(T, 128))
 
 
 def _kernel(lengths_ref,  # SMEM [B] int32, scalar prefetch
@@ -131,6 +132,8 @@ def tree_attention_tpu(
   scale = D**-0.5 if scale is None else scale
   lay = _layout(G, T, block_sizes.block_q)
   block_k = S if S <= block_sizes.block_k else block_sizes.block_k
+  if block_k != S and block_k % 16:
+    raise ValueError(f"block_k={block_k} must be a multiple of 16 (or at least S={S})")
   num_kv_blocks = pl.cdiv(S, block_k)
 
   lengths_B = layout.clip_lengths(lengths_B, S)

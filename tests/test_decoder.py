@@ -1,0 +1,101 @@
+"""The forward contract on a random small model: incremental == full, trees == chains, ragged rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import jit_forward, make_tiny_bundle
+from jaxspec.models.kv_cache import advance, commit, init_cache
+
+
+class _Jitted:
+  def __init__(self, bundle):
+    self.config, self._f = bundle.config, jit_forward(bundle)
+
+  def __call__(self, cache, tokens, positions, mask, capture=(), logits_index_BxN=None):
+    return self._f(cache, tokens, positions, mask, logits_index_BxN)
+
+
+def _model(**kw):
+  return _Jitted(make_tiny_bundle(**kw))
+
+
+def _full_logits(model, ids):
+  T = len(ids)
+  cache = init_cache(model.config, 1, 64)
+  lg, _, _ = model(cache, jnp.asarray([ids]), jnp.arange(T)[None], jnp.tril(jnp.ones((T, T), bool)))
+  return np.asarray(lg[0])
+
+
+@pytest.mark.parametrize("qkv_bias,tie", [(False, False), (True, True)])
+def test_incremental_equals_full(qkv_bias, tie):
+  model = _model(seed=1, qkv_bias=qkv_bias, tie=tie)
+  ids = [3, 9, 4, 17, 22, 5, 8, 30]
+  full = _full_logits(model, ids)
+  cache = init_cache(model.config, 1, 64)
+  # prefill 5, then a chunk of 2, then 1
+  out = []
+  for chunk in ([3, 9, 4, 17, 22], [5, 8], [30]):
+    T = len(chunk)
+    pos = cache.lengths[:, None] + jnp.arange(T)[None]
+    lg, _, cache = model(cache, jnp.asarray([chunk]), pos, jnp.tril(jnp.ones((T, T), bool)))
+    cache = advance(cache, jnp.asarray([T]))
+    out.append(np.asarray(lg[0]))
+  np.testing.assert_allclose(np.concatenate(out), full, atol=2e-5, rtol=1e-4)
+
+
+def test_tree_forward_matches_each_path_and_commit_keeps_path():
+  """A tree of two branches in one forward gives each branch its chain logits; committing one
+  branch leaves the cache as if only that branch had been fed."""
+  model = _model(seed=2)
+  prefix = [5, 6, 7]
+  # tree: root r=10 (depth 0) with children a=11, b=12 (depth 1); a has child c=13 (depth 2)
+  tokens = [10, 11, 12, 13]
+  parents = [-1, 0, 0, 1]
+  depth = [0, 1, 1, 2]
+  T = len(tokens)
+  mask = np.eye(T, dtype=bool)
+  for i in range(T):
+    p = parents[i]
+    while p >= 0:
+      mask[i, p] = True
+      p = parents[p]
+  cache = init_cache(model.config, 1, 64)
+  _, _, cache = model(cache, jnp.asarray([prefix]), jnp.arange(3)[None], jnp.tril(jnp.ones((3, 3), bool)))
+  cache = advance(cache, jnp.asarray([3]))
+  lg, _, tcache = model(cache, jnp.asarray([tokens]), 3 + jnp.asarray([depth]), jnp.asarray(mask))
+  chain_a = _full_logits(model, prefix + [10, 11, 13])
+  chain_b = _full_logits(model, prefix + [10, 12])
+  np.testing.assert_allclose(np.asarray(lg[0, [0, 1, 3]]), chain_a[3:], atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(lg[0, 2]), chain_b[4], atol=2e-5, rtol=1e-4)
+  # commit the path r, b (scratch slots 0, 2), then feed one more token
+  kept = commit(tcache, jnp.asarray([[0, 2]]), jnp.asarray([2]))
+  assert int(kept.lengths[0]) == 5
+  lg2, _, _ = model(kept, jnp.asarray([[20]]), jnp.asarray([[5]]), jnp.ones((1, 1), bool))
+  ref = _full_logits(model, prefix + [10, 12, 20])
+  np.testing.assert_allclose(np.asarray(lg2[0, 0]), ref[-1], atol=2e-5, rtol=1e-4)
+
+
+def test_ragged_batch_rows_are_independent():
+  model = _model(seed=3)
+  a, b = [4, 5, 6, 7, 8], [9, 10]
+  cache = init_cache(model.config, 2, 64)
+  toks = jnp.asarray([a, b + [0, 0, 0]])
+  lg, _, cache = model(cache, toks, jnp.arange(5)[None].repeat(2, 0), jnp.tril(jnp.ones((5, 5), bool)))
+  cache = advance(cache, jnp.asarray([5, 2]))
+  lg2, _, _ = model(cache, jnp.asarray([[11], [12]]), cache.lengths[:, None], jnp.ones((1, 1), bool))
+  np.testing.assert_allclose(np.asarray(lg2[0, 0]), _full_logits(model, a + [11])[-1], atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(lg2[1, 0]), _full_logits(model, b + [12])[-1], atol=2e-5, rtol=1e-4)
+
+
+def test_capture_hidden_and_logits_index():
+  model = _model(seed=4)
+  cache = init_cache(model.config, 1, 32)
+  toks = jnp.asarray([[3, 4, 5]])
+  lg, hidden, _ = model(cache, toks, jnp.arange(3)[None], jnp.tril(jnp.ones((3, 3), bool)), capture=(0, -1))
+  assert set(hidden) == {0, model.config.num_layers - 1}
+  assert hidden[0].shape == (1, 3, model.config.embed_dim)
+  lg1, _, _ = model(cache, toks, jnp.arange(3)[None], jnp.tril(jnp.ones((3, 3), bool)),
+                    logits_index_BxN=jnp.asarray([[2]]))
+  np.testing.assert_allclose(np.asarray(lg1[0, 0]), np.asarray(lg[0, 2]), atol=1e-6)
