@@ -5,6 +5,11 @@
     out = jaxspec.generate(bundle, ["The capital of France is"], max_new_tokens=32)
 """
 
+import os as _os
+
+# transformers prints a torch advisory on import; we use it for tokenizers/configs only.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 from jaxspec.api import GenerateResult, GenerateStats, encode_prompts, generate, stream
 from jaxspec.engine import init_state, plan_sizes, prefill, run_steps
 from jaxspec.errors import (ChecksumError, InvalidOptionError, JaxspecError, ModelFolderError,

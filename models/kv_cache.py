@@ -44,10 +44,25 @@ def init_cache(config: ModelConfig, batch_size: int, num_slots: int, dtype=jnp.f
   )
 
 
+UNROLL_ROWS_UP_TO = 16  # per-row in-place updates below this batch size, one scatter above
+
+
 def write_scratch(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, lengths_B: jax.Array) -> jax.Array:
-  """Write each row's T new entries at slots [lengths[b], lengths[b] + T)."""
-  write_row = lambda c, n, l: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, l, 0))
-  return jax.vmap(write_row)(cache_BxKxSxD, new_BxKxTxD, lengths_B)
+  """Write each row's T new entries at slots [lengths[b], lengths[b] + T).
+
+  Small batches use one dynamic_update_slice per row: XLA does those in place, while a
+  batched scatter made it transpose and copy the whole cache every layer (measured on CPU).
+  """
+  new_BxKxTxD = new_BxKxTxD.astype(cache_BxKxSxD.dtype)
+  B = cache_BxKxSxD.shape[0]
+  if B > UNROLL_ROWS_UP_TO:
+    write_row = lambda c, n, l: jax.lax.dynamic_update_slice(c, n, (0, l, 0))
+    return jax.vmap(write_row)(cache_BxKxSxD, new_BxKxTxD, lengths_B)
+  zero = jnp.zeros((), jnp.int32)
+  for b in range(B):
+    start = (jnp.asarray(b, jnp.int32), zero, lengths_B[b].astype(jnp.int32), zero)
+    cache_BxKxSxD = jax.lax.dynamic_update_slice(cache_BxKxSxD, new_BxKxTxD[b:b + 1], start)
+  return cache_BxKxSxD
 
 
 def advance(cache: KVCache, n_B: jax.Array) -> KVCache:

@@ -1,0 +1,222 @@
+"""Shared verification: which drafted tokens to accept, and the next token.
+
+A draft is a tree of T nodes whose structure (parents, depth) is static per method config.
+Node 0 is the root: the row's pending token, already committed. Node i > 0 proposes
+`tokens[b, i]` as the token after its parent. The target forward gives, at every node i, the
+distribution of the token that follows node i (`logits[b, i]`).
+
+* Greedy (`sampling.greedy`): accept the deepest root-to-node path whose every token equals the
+  target argmax at its parent; then the argmax at the last accepted node (the bonus token).
+  Output equals greedy AR.
+* Stochastic: multi-draft recursive rejection sampling (SpecInfer / RSD). At node u with target
+  p, children are tried in order; child x drawn from q is accepted with probability
+  min(1, p(x)/q(x)); on rejection p <- norm(max(0, p - q)). With `without_replacement`, q also
+  loses x and is renormalised (drafts drawn without replacement, e.g. Gumbel-top-k). With no
+  q (deterministic drafts), q is one-hot at x. When every child is rejected (or u is a leaf),
+  the next token is drawn from the current p. The committed sequence is distributed exactly as
+  AR sampling from `target_logprobs`.
+  The SJD rule is the chain case with each node carrying its own q.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.sampling import SamplingConfig, target_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSpec:
+  """Static tree structure. parents[0] = -1; parents[i] < i. Hashable (jit-static)."""
+
+  parents: tuple[int, ...]
+
+  def __post_init__(self):
+    p = self.parents
+    if not p or p[0] != -1 or any(not (0 <= p[i] < i) for i in range(1, len(p))):
+      raise ValueError(f"parents must start with -1 and satisfy 0 <= parents[i] < i, got {p}")
+
+  @property
+  def size(self) -> int:
+    return len(self.parents)
+
+  @property
+  def depth(self) -> np.ndarray:
+    d = np.zeros(self.size, np.int32)
+    for i in range(1, self.size):
+      d[i] = d[self.parents[i]] + 1
+    return d
+
+  @property
+  def max_depth(self) -> int:
+    return int(self.depth.max())
+
+  @property
+  def children(self) -> np.ndarray:
+    """[T, C] child node ids in order, -1 padded (C = max children, at least 1)."""
+    kids = [[] for _ in range(self.size)]
+    for i in range(1, self.size):
+      kids[self.parents[i]].append(i)
+    C = max(1, max(len(k) for k in kids))
+    out = np.full((self.size, C), -1, np.int32)
+    for i, k in enumerate(kids):
+      out[i, : len(k)] = k
+    return out
+
+  @property
+  def mask(self) -> np.ndarray:
+    """[T, T] ancestor-or-self attention mask."""
+    m = np.eye(self.size, dtype=bool)
+    for i in range(1, self.size):
+      m[i] |= m[self.parents[i]]
+    return m
+
+  @property
+  def is_chain(self) -> bool:
+    return all(self.parents[i] == i - 1 for i in range(1, self.size))
+
+  @staticmethod
+  def chain(k: int) -> "TreeSpec":
+    """Root plus a chain of k drafted tokens."""
+    return TreeSpec(tuple([-1] + list(range(k))))
+
+
+@struct.dataclass
+class Draft:
+  tokens: jax.Array  # [B, T] int32; column 0 is the pending token
+  valid: jax.Array  # [B, T] bool; invalid nodes are never accepted (ragged drafts)
+  q_probs: Optional[jax.Array] = None  # [B, T, V] distribution node i was drawn from; None = deterministic
+
+
+@struct.dataclass
+class Verdict:
+  path: jax.Array  # [B, D+1] node ids root..last accepted (garbage past n)
+  n: jax.Array  # [B] accepted drafts + 1: tokens to commit (and K/V slots to keep)
+  tokens: jax.Array  # [B, D+1] committed tokens: accepted drafts then the next token
+  accepted_at_depth: jax.Array  # [B, D] bool: was a draft accepted at depth d+1
+
+
+def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
+  """[B, D+1] path root..last (padded by repeating last)."""
+  parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
+  depth = jnp.asarray(tree.depth)
+  D = tree.max_depth
+  # Walk up from `last`: node at depth d along the path.
+  nodes = [last_B]
+  for _ in range(D):
+    nodes.append(parents[nodes[-1]])
+  up_BxD1 = jnp.stack(nodes, axis=1)  # up[b, j] = j-th ancestor of last
+  d_B = depth[last_B]
+  j_D1 = jnp.arange(D + 1)
+  # path[b, i] = ancestor at depth i = up[b, d - i] for i <= d
+  idx_BxD1 = jnp.clip(d_B[:, None] - j_D1[None, :], 0, D)
+  path = jnp.take_along_axis(up_BxD1, idx_BxD1, axis=1)
+  return jnp.where(j_D1[None, :] <= d_B[:, None], path, last_B[:, None])
+
+
+def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array) -> Verdict:
+  """Deepest path of argmax matches, plus the argmax bonus. Ties: the lowest node id."""
+  T = tree.size
+  argmax_BxT = jnp.argmax(logits_BxTxV[:, :T], axis=-1).astype(jnp.int32)
+  parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
+  match_BxT = (draft.tokens[:, :T] == argmax_BxT[:, parents]) & draft.valid[:, :T]
+  match_BxT = match_BxT.at[:, 0].set(True)
+  ok = match_BxT
+  for _ in range(tree.max_depth):
+    ok = ok & ok[:, parents]
+  depth = jnp.asarray(tree.depth)
+  score_BxT = jnp.where(ok, depth[None, :], -1)
+  last_B = jnp.argmax(score_BxT, axis=1).astype(jnp.int32)
+  path = _ancestors_path(tree, last_B)
+  n_B = depth[last_B] + 1
+  D = tree.max_depth
+  path_tokens = jnp.take_along_axis(draft.tokens, path, axis=1)  # [B, D+1]
+  bonus_B = jnp.take_along_axis(argmax_BxT, last_B[:, None], axis=1)[:, 0]
+  # committed tokens: path tokens 1..n-1 then the bonus at index n-1
+  shifted = jnp.concatenate([path_tokens[:, 1:], path_tokens[:, -1:]], axis=1)
+  idx = jnp.arange(D + 1)[None, :]
+  tokens = jnp.where(idx == (n_B - 1)[:, None], bonus_B[:, None], shifted)
+  return Verdict(path=path, n=n_B, tokens=tokens, accepted_at_depth=idx[:, :D] < (n_B - 1)[:, None])
+
+
+def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
+                      key: jax.Array, without_replacement: bool = False,
+                      accept_rule: str = "exact") -> Verdict:
+  """Recursive rejection sampling over the tree (see module doc). Lossless for accept_rule="exact".
+
+  accept_rule="naive" (resample from p instead of the residual on rejection) exists only so
+  tests can show the statistical test detects a wrong rule.
+  """
+  B, T = draft.tokens.shape[0], tree.size
+  V = logits_BxTxV.shape[-1]
+  D = tree.max_depth
+  children = jnp.asarray(tree.children)  # [T, C]
+  C = children.shape[1]
+  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+  keys = jax.random.split(key, B)
+
+  def row(p_TxV, toks_T, valid_T, q_TxV, k):
+    def level(carry, level_key):
+      u, alive, p, n_acc, acc_path = carry
+      kids = children[u]  # [C]
+      q = q_TxV[jnp.maximum(kids[0], 0)] if q_TxV is not None else None
+      accepted_child = jnp.int32(-1)
+      ks = jax.random.split(level_key, C)
+      for j in range(C):
+        c = kids[j]
+        usable = alive & (accepted_child < 0) & (c >= 0) & valid_T[jnp.maximum(c, 0)]
+        x = toks_T[jnp.maximum(c, 0)]
+        qx = q[x] if q is not None else 1.0
+        ratio = jnp.where(qx > 0, p[x] / jnp.where(qx > 0, qx, 1.0), 0.0)
+        accept = usable & (jax.random.uniform(ks[j]) < ratio)
+        reject = usable & ~accept
+        accepted_child = jnp.where(accept, c, accepted_child)
+        # residual after rejecting x
+        q_vec = q if q is not None else jax.nn.one_hot(x, V, dtype=p.dtype)
+        if accept_rule == "exact":
+          resid = jnp.maximum(p - q_vec, 0.0)
+          resid = resid / jnp.maximum(resid.sum(), 1e-30)
+        else:  # deliberately wrong: ignores what the draft already covered
+          resid = p
+        p = jnp.where(reject, resid, p)
+        if q is not None and without_replacement:
+          q_new = q.at[x].set(0.0)
+          q_new = q_new / jnp.maximum(q_new.sum(), 1e-30)
+          q = jnp.where(reject, q_new, q)
+      moved = accepted_child >= 0
+      u_new = jnp.where(moved, accepted_child, u)
+      p = jnp.where(moved, p_TxV[jnp.maximum(accepted_child, 0)], p)
+      acc_path = acc_path.at[n_acc + 1].set(jnp.where(moved, accepted_child, acc_path[n_acc + 1]))
+      n_acc = n_acc + moved.astype(jnp.int32)
+      return (u_new, alive & moved, p, n_acc, acc_path), moved
+
+    k_levels, k_final = jax.random.split(k)
+    init = (jnp.int32(0), jnp.bool_(True), p_TxV[0], jnp.int32(0), jnp.zeros((D + 1,), jnp.int32))
+    (u, _, p, n_acc, acc_path), moved_D = jax.lax.scan(level, init, jax.random.split(k_levels, D))
+    nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p, 0.0)))
+    path_tokens = toks_T[acc_path]
+    shifted = jnp.concatenate([path_tokens[1:], path_tokens[-1:]])
+    idx = jnp.arange(D + 1)
+    tokens = jnp.where(idx == n_acc, nxt.astype(jnp.int32), shifted)
+    path = jnp.where(idx <= n_acc, acc_path, u)
+    return path, n_acc + 1, tokens, moved_D
+
+  path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T],
+                                          None if draft.q_probs is None else draft.q_probs[:, :T], keys) \
+      if draft.q_probs is not None else \
+      jax.vmap(lambda p, t, v, k: row(p, t, v, None, k))(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
+  return Verdict(path=path, n=n, tokens=tokens, accepted_at_depth=moved)
+
+
+def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,
+           without_replacement: bool = False) -> Verdict:
+  """Greedy or lossless stochastic verification, by `sampling`."""
+  if sampling.greedy:
+    return verify_greedy(tree, draft, logits_BxTxV)
+  return verify_stochastic(tree, draft, logits_BxTxV, sampling, key, without_replacement)

@@ -1,0 +1,119 @@
+"""Verification: greedy path selection, and exactness of stochastic verification (chi-square).
+
+The stochastic tests build a toy target over V tokens where the next-token distribution
+depends on the context (so tree nodes carry different p), draw drafts from q (with
+replacement, without replacement via Gumbel-top-k, or deterministic), verify, and compare the
+distribution of the first two committed tokens with AR sampling from the target. A
+deliberately wrong acceptance rule must fail the same test.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from jaxspec.sampling import SamplingConfig
+from jaxspec.verify import Draft, TreeSpec, verify_greedy, verify_stochastic
+
+V = 5
+N_SAMPLES = 40000
+
+
+def test_tree_spec_basics():
+  t = TreeSpec((-1, 0, 0, 1, 3))
+  np.testing.assert_array_equal(t.depth, [0, 1, 1, 2, 3])
+  np.testing.assert_array_equal(t.children[0], [1, 2])
+  assert t.mask[4].tolist() == [True, True, False, True, True]
+  assert TreeSpec.chain(3).is_chain and not t.is_chain
+  with pytest.raises(ValueError):
+    TreeSpec((0, 0))
+
+
+def test_greedy_picks_deepest_matching_path_and_bonus():
+  t = TreeSpec((-1, 0, 0, 1, 2, 4))  # 0 -> {1, 2}; 1 -> 3; 2 -> 4 -> 5
+  toks = jnp.asarray([[9, 1, 2, 3, 4, 0]])
+  # argmax at each node: node0 -> 2 (so node 2 matches), node2 -> 4 (node 4 matches), node4 -> 7 (node 5 fails)
+  am = [2, 3, 4, 0, 7, 0]
+  logits = jax.nn.one_hot(jnp.asarray([am]), 10) * 5.0
+  v = verify_greedy(t, Draft(tokens=toks, valid=jnp.ones((1, 6), bool)), logits)
+  assert int(v.n[0]) == 3
+  assert v.path[0, :3].tolist() == [0, 2, 4]
+  assert v.tokens[0, :3].tolist() == [2, 4, 7]
+  # invalid node 4: only node 2 accepted, bonus = argmax at node 2
+  v = verify_greedy(t, Draft(tokens=toks, valid=jnp.asarray([[True] * 4 + [False] * 2])), logits)
+  assert int(v.n[0]) == 2 and v.tokens[0, :2].tolist() == [2, 4]
+
+
+def _target_tables(seed):
+  rng = np.random.default_rng(seed)
+  P0 = rng.dirichlet(np.ones(V))
+  P1 = rng.dirichlet(np.ones(V), size=V)  # P1[x1] = p(x2 | x1)
+  P2 = rng.dirichlet(np.ones(V), size=(V, V))
+  return P0, P1, P2
+
+
+def _run(kind, rule, tree_width, seed=0):
+  """Return counts[x1, x2] of the first two committed tokens over N_SAMPLES verifications."""
+  P0, P1, P2 = _target_tables(seed)
+  rng = np.random.default_rng(seed + 1)
+  Q0 = rng.dirichlet(np.ones(V))  # draft distribution at the root
+  Q1 = rng.dirichlet(np.ones(V), size=V)
+  # tree: root -> w children (depth 1) -> each has one child (depth 2)
+  w = tree_width
+  parents = [-1] + [0] * w + list(range(1, w + 1))
+  tree = TreeSpec(tuple(parents))
+  T = tree.size
+
+  def one(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    if kind == "without":
+      g = -jnp.log(-jnp.log(jax.random.uniform(k1, (V,))))
+      x1 = jnp.argsort(-(jnp.log(jnp.asarray(Q0)) + g))[:w]  # Gumbel-top-k: w distinct draws from Q0
+    elif kind == "with":
+      x1 = jax.random.categorical(k1, jnp.log(jnp.asarray(Q0)), shape=(w,))
+    else:  # deterministic: the w most likely under Q0
+      x1 = jnp.argsort(-jnp.asarray(Q0))[:w]
+    x2 = jax.vmap(lambda k, a: jax.random.categorical(k, jnp.log(jnp.asarray(Q1)[a])))(jax.random.split(k2, w), x1)
+    toks = jnp.concatenate([jnp.zeros((1,), jnp.int32), x1.astype(jnp.int32), x2.astype(jnp.int32)])
+    # target distribution at each node (context = its path)
+    p_root = jnp.asarray(P0)[None]
+    p_d1 = jnp.asarray(P1)[x1]
+    p_d2 = jnp.asarray(P2)[x1, x2]
+    logits = jnp.log(jnp.concatenate([p_root, p_d1, p_d2]))
+    q = None
+    if kind != "deterministic":
+      q = jnp.concatenate([jnp.asarray(Q0)[None], jnp.broadcast_to(jnp.asarray(Q0), (w, V)), jnp.asarray(Q1)[x1]])
+    d = Draft(tokens=toks[None], valid=jnp.ones((1, T), bool), q_probs=None if q is None else q[None])
+    v = verify_stochastic(tree, d, logits[None], SamplingConfig(1.0), k3, without_replacement=(kind == "without"),
+                          accept_rule=rule)
+    # second token: if only one was committed, draw it from the target given the first (AR continuation)
+    t1 = v.tokens[0, 0]
+    t2 = jnp.where(v.n[0] >= 2, v.tokens[0, 1],
+                   jax.random.categorical(jax.random.fold_in(k3, 7), jnp.log(jnp.asarray(P1)[t1])))
+    return t1, t2
+
+  t1, t2 = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(seed + 2), N_SAMPLES))
+  counts = np.zeros((V, V))
+  np.add.at(counts, (np.asarray(t1), np.asarray(t2)), 1)
+  expected = P0[:, None] * P1
+  return counts, expected
+
+
+def _pvalue(counts, expected):
+  e = expected.ravel() * counts.sum()
+  return chisquare(counts.ravel(), e / e.sum() * counts.sum()).pvalue
+
+
+@pytest.mark.parametrize("kind,width", [("with", 3), ("without", 3), ("deterministic", 2), ("with", 1)])
+def test_stochastic_verification_is_exact(kind, width):
+  counts, expected = _run(kind, "exact", width)
+  assert _pvalue(counts, expected) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["with", "deterministic"])
+def test_wrong_rule_is_detected(kind):
+  counts, expected = _run(kind, "naive", 2)
+  assert _pvalue(counts, expected) < 1e-6
