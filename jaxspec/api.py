@@ -33,6 +33,13 @@ class GenerateStats:
   accept_hist: list[int]  # histogram of tokens committed per active step (index = tokens)
 
   @property
+  def accept_rates(self) -> list[float]:
+    """Per draft position k (1-based at index k-1): fraction of active steps that accepted >= k drafts."""
+    h = self.accept_hist
+    total = sum(h)
+    return [sum(h[k + 1:]) / total if total else 0.0 for k in range(1, len(h) - 1)]
+
+  @property
   def tokens_per_forward(self) -> float:
     """MAT: committed tokens / target forwards (bonus included); 1.0 for AR."""
     return sum(self.new_tokens) / max(sum(self.forwards), 1)
@@ -104,12 +111,38 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
     raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
   m = get_method(method, **(method_options or {})) if isinstance(method, str) else method
+  if hasattr(m, "resolve"):
+    m = m.resolve(bundle)
   ids = encode_prompts(bundle, prompts, chat)
   P, S, max_steps = engine.plan_sizes([len(p) for p in ids], max_new_tokens, m,
                                       bundle.config.max_position_embeddings, cache_len)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
   state = engine.init_state(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
+  memory_key = getattr(m, "memory_key", None)
+  if memory_key and memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
+    state = state.replace(method_state=bundle.method_memory.pop(memory_key))
   return m, sampling, ids, P, state
+
+
+def _finish_method(bundle, m, state):
+  """Keep per-bundle method memory; report acceptance to methods that learn from it."""
+  memory_key = getattr(m, "memory_key", None)
+  if memory_key:
+    bundle.method_memory[memory_key] = state.method_state
+  if hasattr(m, "observe"):
+    committed = np.asarray(state.committed)[: int(state.step)]
+    active = committed[committed > 0]
+    if active.size:
+      m.observe(bundle, float(active.mean() - 1.0), int(active.size))
+
+
+def reset_method_memory(bundle, method: str | None = None) -> None:
+  """Forget what methods learned on this bundle (all, or one method's memory key)."""
+  if method is None:
+    bundle.method_memory.clear()
+  else:
+    key = getattr(get_method(method), "memory_key", None)
+    bundle.method_memory.pop(key, None)
 
 
 def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int = 128,
@@ -151,6 +184,7 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
       break
   jax.block_until_ready(state)
   wall = prefill_s + time.perf_counter() - t1
+  _finish_method(bundle, m, state)
   rows = _row_outputs(state, eos)
   texts = []
   for b, r in enumerate(rows):
@@ -195,3 +229,4 @@ def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 12
     if hit or bool(np.asarray(state.done)[0]) or int(state.step) >= state.committed.shape[0]:
       break
     state = run(bundle.params, state, one)
+  _finish_method(bundle, m, state)

@@ -208,9 +208,10 @@ def _snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     folder = snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS)
   except Exception as e:  # offline, unknown repo, gated repo: all mean "not available here"
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
     raise ModelNotFoundError(
         f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging Face Hub "
-        f"({type(e).__name__}); without hub access use a registered name ({_registry_names()}) "
+        f"({type(e).__name__}: {detail}); without hub access use a registered name ({_registry_names()}) "
         "or a local folder") from e
   return validate_model_folder(folder)
 

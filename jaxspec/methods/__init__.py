@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from jaxspec.errors import InvalidOptionError, UnknownMethodError
 from jaxspec.methods.ar import AR
+from jaxspec.methods.prompt_lookup import PromptLookup
+from jaxspec.methods.token_recycling import TokenRecycling
 
-METHODS = {"ar": AR}
+METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling}
 
 
 def get_method(name: str, **options):
