@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import engine
+from jaxspec import engine, sharding
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import get_method
 from jaxspec.models.bundle import ModelBundle
@@ -89,8 +89,8 @@ def encode_prompts(bundle: ModelBundle, prompts, chat: bool | None = None) -> li
 
 
 def _row_outputs(state, eos_ids) -> list[list[int]]:
-  tokens = np.asarray(state.tokens)
-  nt, pl = np.asarray(state.num_tokens), np.asarray(state.prompt_lens)
+  tokens = sharding.to_host(state.tokens)
+  nt, pl = sharding.to_host(state.num_tokens), sharding.to_host(state.prompt_lens)
   rows = []
   for b in range(tokens.shape[0]):
     ids = tokens[b, pl[b]:nt[b]].tolist()
@@ -106,7 +106,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-             cache_len, method_options):
+             cache_len, method_options, mesh=None, rules=None):
   if max_new_tokens < 1:
     raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
@@ -117,7 +117,7 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   P, S, max_steps = engine.plan_sizes([len(p) for p in ids], max_new_tokens, m,
                                       bundle.config.max_position_embeddings, cache_len)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
-  state = engine.init_state(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
+  state = sharding.state_initializer(bundle, mesh, rules)(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
   memory_key = getattr(m, "memory_key", None)
   if memory_key and memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
     state = state.replace(method_state=bundle.method_memory.pop(memory_key))
@@ -130,7 +130,7 @@ def _finish_method(bundle, m, state):
   if memory_key:
     bundle.method_memory[memory_key] = state.method_state
   if hasattr(m, "observe"):
-    committed = np.asarray(state.committed)[: int(state.step)]
+    committed = sharding.to_host(state.committed)[: int(state.step)]
     active = committed[committed > 0]
     if active.size:
       m.observe(bundle, float(active.mean() - 1.0), int(active.size))
@@ -148,30 +148,33 @@ def reset_method_memory(bundle, method: str | None = None) -> None:
 def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed=0,
              stop: Sequence[str] | None = None, chat: bool | None = None, cache_len: int | None = None,
-             attn_impl: str = "auto", method_options: dict | None = None) -> GenerateResult:
+             attn_impl: str = "auto", method_options: dict | None = None, mesh=None,
+             rules=None) -> GenerateResult:
   """Generate for a batch of prompts (strings or token-id lists) with `method`.
 
   Greedy when temperature == 0. Same inputs and seed -> same outputs. Rows stop at EOS,
-  at max_new_tokens, or (text is cut there) at the first stop string.
+  at max_new_tokens, or (text is cut there) at the first stop string. `mesh`/`rules`
+  (jaxspec.sharding; default: the bundle's) decode sharded over a device mesh.
   """
   m, sampling, ids, P, state = _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k,
-                                        top_p, seed, chat, cache_len, method_options)
+                                        top_p, seed, chat, cache_len, method_options, mesh, rules)
+  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
   eos = bundle.eos_ids
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
-  pre, c1 = engine.COMPILED.get(engine.prefill_jit, (bundle.params, state),
+  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state),
                                 dict(static, graphdef=bundle.graphdef, prompt_len=P))
   chunk = STOP_CHECK_STEPS if stop else state.committed.shape[0]
   steps_arg = jnp.asarray(chunk, jnp.int32)
   t0 = time.perf_counter()
-  state = jax.block_until_ready(pre(bundle.params, state))
+  state = jax.block_until_ready(pre(params, state))
   prefill_s = time.perf_counter() - t0
-  run, c2 = engine.COMPILED.get(engine.run_steps_jit, (bundle.params, state, steps_arg),
+  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps_arg),
                                 dict(static, graphdef=bundle.graphdef, method=m))
   t1 = time.perf_counter()
   stopped = [False] * len(ids)
   while True:
-    state = run(bundle.params, state, steps_arg)
-    done = np.asarray(state.done)
+    state = run(params, state, steps_arg)
+    done = sharding.to_host(state.done)
     if stop:
       rows = _row_outputs(state, eos)
       for b, r in enumerate(rows):
@@ -190,11 +193,11 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
   for b, r in enumerate(rows):
     text = bundle.tokenizer.decode(r, skip_special_tokens=True)
     texts.append(_cut_at_stop(text, stop)[0] if stop else text)
-  committed = np.asarray(state.committed)[: int(state.step)]
+  committed = sharding.to_host(state.committed)[: int(state.step)]
   hist = np.bincount(committed[committed > 0].ravel(), minlength=m.max_commit + 1).tolist()
   stats = GenerateStats(
       method=m.name, new_tokens=[len(r) + (1 if len(r) < int(g) else 0) for r, g in
-                                 zip(rows, np.asarray(state.generated))],
+                                 zip(rows, sharding.to_host(state.generated))],
       forwards=(1 + (committed > 0).sum(axis=0)).tolist(), steps=int(state.step), wall_s=wall,
       prefill_s=prefill_s, compile_s=c1 + c2, accept_hist=hist)
   return GenerateResult(texts=texts, token_ids=rows, stats=stats)
@@ -203,20 +206,21 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
 def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed=0, stop: Sequence[str] | None = None,
            chat: bool | None = None, cache_len: int | None = None, attn_impl: str = "auto",
-           method_options: dict | None = None) -> Iterator[str]:
+           method_options: dict | None = None, mesh=None, rules=None) -> Iterator[str]:
   """Yield the text of one prompt piece by piece, driving the same compiled step as `generate`."""
   m, sampling, ids, P, state = _prepare(bundle, [prompt] if isinstance(prompt, str) else prompt, method,
                                         max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                        cache_len, method_options)
+                                        cache_len, method_options, mesh, rules)
   if len(ids) != 1:
     raise InvalidOptionError("stream() takes a single prompt")
   eos = bundle.eos_ids
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
-  pre, _ = engine.COMPILED.get(engine.prefill_jit, (bundle.params, state),
+  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
+  pre, _ = engine.COMPILED.get(prefill_jit, (params, state),
                                dict(static, graphdef=bundle.graphdef, prompt_len=P))
-  state = pre(bundle.params, state)
+  state = pre(params, state)
   one = jnp.asarray(1, jnp.int32)
-  run, _ = engine.COMPILED.get(engine.run_steps_jit, (bundle.params, state, one),
+  run, _ = engine.COMPILED.get(run_steps_jit, (params, state, one),
                                dict(static, graphdef=bundle.graphdef, method=m))
   shown = ""
   while True:
@@ -226,7 +230,7 @@ def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 12
     if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back partial UTF-8
       yield text[len(shown):]
       shown = text
-    if hit or bool(np.asarray(state.done)[0]) or int(state.step) >= state.committed.shape[0]:
+    if hit or bool(sharding.to_host(state.done)[0]) or int(state.step) >= state.committed.shape[0]:
       break
-    state = run(bundle.params, state, one)
+    state = run(params, state, one)
   _finish_method(bundle, m, state)

@@ -22,6 +22,10 @@ def _add_generate(sub):
   p.add_argument("--stream", action="store_true", help="print text as it is produced (one prompt)")
   p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
   p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on GPU/TPU)")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh, e.g. data=2,model=4: tensor parallel over model, batch over data")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: run jax.distributed.initialize() first (same as JAXSPEC_DISTRIBUTED=1)")
 
 
 def _generate(args) -> int:
@@ -32,7 +36,9 @@ def _generate(args) -> int:
     raise InvalidOptionError("--stream takes exactly one prompt")
   jaxspec.get_method(args.method)  # fail fast on a bad method, before loading the model
   jaxspec.SamplingConfig(args.temperature, args.top_k, args.top_p)
-  bundle = jaxspec.load_model(args.model, dtype=args.dtype)
+  mesh = _mesh(args)
+  bundle = jaxspec.load_model(args.model, dtype=args.dtype, mesh=mesh)
+  print = _print_on_process_0()  # multi-host: only process 0 prints
   opts = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
               chat=False if args.no_chat else None)
@@ -52,6 +58,24 @@ def _generate(args) -> int:
     print(text)
   print(out.stats.summary(), file=sys.stderr)
   return 0
+
+
+def _mesh(args):
+  """Distributed init (when asked) and the mesh: --mesh, or data=process count when multi-host."""
+  from jaxspec import sharding
+  sharding.initialize_distributed(True if args.distributed else None)
+  mesh = sharding.parse_mesh(args.mesh) if args.mesh else None  # validate before touching devices
+  import jax
+  if mesh is None and jax.process_count() > 1:
+    mesh = {"data": jax.process_count()}
+  return sharding.make_mesh(**mesh) if mesh is not None else None
+
+
+def _print_on_process_0():
+  """print on process 0; a no-op on the other hosts of a multi-host run."""
+  import builtins
+  import jax
+  return builtins.print if jax.process_index() == 0 else (lambda *a, **k: None)
 
 
 def _pull(args) -> int:

@@ -114,7 +114,7 @@ run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampl
 
 
 class CompiledCache:
-  """Ahead-of-time compiled executables keyed by static args and argument shapes.
+  """Ahead-of-time compiled executables keyed by static args and argument shapes/shardings.
 
   Lets callers time compilation separately from execution, and reuse executables across calls.
   """
@@ -124,7 +124,7 @@ class CompiledCache:
 
   def get(self, jitted, args: tuple, static: dict) -> tuple[Any, float]:
     """(compiled executable, seconds spent compiling now: 0.0 when reused)."""
-    sig = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), args)
+    sig = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x), getattr(x, "sharding", None)), args)
     key = (id(jitted), tuple(sorted(static.items())), str(jax.tree.structure(args)), str(sig))
     if key in self._store:
       return self._store[key], 0.0

@@ -8,6 +8,8 @@ documented in `tree_attention_reference`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from jaxspec.kernels.tree_attention_gpu import tree_attention_gpu
@@ -35,8 +37,10 @@ def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_
   """
   impl = resolve_impl(impl)
   args = (q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
-  if impl == "pallas_tpu":
-    return tree_attention_tpu(*args, scale=scale, interpret=interpret)
-  if impl == "pallas_gpu":
-    return tree_attention_gpu(*args, scale=scale, interpret=interpret)
-  return tree_attention_reference(*args, scale=scale)
+  if impl == "xla":  # XLA partitions this itself under a mesh
+    return tree_attention_reference(*args, scale=scale)
+  kernel = tree_attention_tpu if impl == "pallas_tpu" else tree_attention_gpu
+  # A Pallas call is opaque to XLA's partitioner: under a sharded decode it runs per shard
+  # (shard_map over batch and kv heads); otherwise this is a plain call.
+  from jaxspec.sharding import partition_attention
+  return partition_attention(functools.partial(kernel, scale=scale, interpret=interpret), *args)

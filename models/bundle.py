@@ -30,6 +30,9 @@ class ModelBundle:
   dtype: Any
   # Per-bundle state that methods keep across calls (e.g. Token Recycling's adjacency matrix).
   method_memory: dict = dataclasses.field(default_factory=dict)
+  # Set when params live on a device mesh (jaxspec.sharding): generate/stream decode on it.
+  mesh: Any = None
+  rules: Any = None
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -61,16 +64,24 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progress: bool = True,
-               place=None) -> ModelBundle:
+               place=None, mesh=None, rules=None) -> ModelBundle:
   """Load a registered name, a local HF folder or a hub id into a ModelBundle.
 
-  dtype defaults to fp32 on CPU and bf16 on accelerators.
+  dtype defaults to fp32 on CPU and bf16 on accelerators. With `mesh` (jaxspec.sharding.make_mesh)
+  each parameter is read shard by shard straight onto its sharding under `rules`
+  (default jaxspec.sharding.DEFAULT_RULES), and the bundle decodes on that mesh.
   """
   from jaxspec.models.hf_loader import load_decoder
   from jaxspec.models.pull import resolve_model_path
 
   dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
   folder = resolve_model_path(str(model), progress=progress)
-  config, graphdef, params = load_decoder(folder, dtype=dtype, place=place)
+  shardings = None
+  if mesh is not None:
+    from jaxspec.sharding import DEFAULT_RULES, sharding_loader
+    rules = rules or DEFAULT_RULES
+    shardings = sharding_loader(mesh, rules)
+  config, graphdef, params = load_decoder(folder, dtype=dtype, place=place, shardings=shardings)
   return ModelBundle(name=str(model), path=Path(folder), config=config, graphdef=graphdef,
-                     params=params, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype))
+                     params=params, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype),
+                     mesh=mesh, rules=rules if mesh is not None else None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,15 @@ def load_decoder(
     folder: str | Path,
     dtype=jnp.float32,
     place: Callable[[tuple, np.ndarray], jax.Array] | None = None,
+    shardings: Callable[[ModelConfig, nnx.State], Any] | None = None,
 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
   """Read a HF folder into (config, graphdef, params) with params in `dtype`.
 
-  `place(path, host_array)` puts one tensor on device (default: `jax.device_put`); the
-  sharding module passes one that shards each tensor as it is read.
+  `place(path, host_array)` puts one tensor on device (default: `jax.device_put`).
+  `shardings(config, abstract_params)` (e.g. `jaxspec.sharding.sharding_loader(mesh)`) gives
+  each parameter a Sharding instead: every tensor is then built with
+  `jax.make_array_from_callback`, reading from the file only the slices this process's devices
+  hold (a host never materializes a tensor it keeps no full copy of).
   """
   folder = Path(folder)
   config = read_config(folder)
@@ -87,6 +91,7 @@ def load_decoder(
     raise ModelFolderError(f"{folder} is missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}; "
                            "the folder is incomplete or not a Llama/Qwen2 checkpoint")
   place = place or (lambda path, arr: jax.device_put(arr))
+  per_param = dict(nnx.to_flat_state(shardings(config, params))) if shardings else None
   handles = {}
   try:
     for path, var in nnx.to_flat_state(params):
@@ -94,6 +99,9 @@ def load_decoder(
       f = index[name]
       if f not in handles:
         handles[f] = safe_open(f, framework="numpy")
+      if per_param is not None:
+        var.set_value(_read_sharded(handles[f], name, transpose, var.shape, dtype, per_param[tuple(path)]))
+        continue
       arr = handles[f].get_tensor(name)
       arr = arr.T if transpose else arr
       if arr.shape != var.shape:
@@ -103,3 +111,23 @@ def load_decoder(
   finally:
     handles.clear()
   return config, graphdef, params
+
+
+def _read_sharded(handle, name: str, transpose: bool, shape, dtype, sharding) -> jax.Array:
+  """One tensor onto `sharding`, reading only the slices the local devices hold (each distinct
+  slice once: replicated tensors are read once per process)."""
+  sl = handle.get_slice(name)
+  file_shape = tuple(sl.get_shape())
+  if (file_shape[::-1] if transpose else file_shape) != tuple(shape):
+    raise ModelFolderError(f"{name} has shape {file_shape}, config.json implies {tuple(shape)}; "
+                           "config.json does not match the weights")
+  read: dict = {}
+
+  def piece(index):
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in read:
+      a = sl[index[::-1]].T if transpose else sl[index]
+      read[key] = np.ascontiguousarray(a.astype(np.dtype(dtype)))
+    return read[key]
+
+  return jax.make_array_from_callback(tuple(shape), sharding, piece)

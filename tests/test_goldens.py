@@ -26,7 +26,7 @@ def goldens():
 def test_last_position_logits_match(smollm2, goldens):
   fwd = jit_forward(smollm2)
   worst = 0.0
-  for case in goldens["cases"]:
+  for case in goldens["prompts"]:
     ids = case["prompt_ids"]
     T = len(ids)
     P = -(-T // 32) * 32  # pad to a bucket: fewer compilations
@@ -41,7 +41,7 @@ def test_last_position_logits_match(smollm2, goldens):
 
 
 def test_greedy_continuations_match(smollm2, goldens):
-  cases = goldens["cases"]
+  cases = goldens["prompts"]
   out = jaxspec.generate(smollm2, [c["prompt_ids"] for c in cases], max_new_tokens=32)
   eos = set(smollm2.eos_ids)
   for case, got in zip(cases, out.token_ids):
