@@ -124,6 +124,14 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   return m, sampling, ids, P, state
 
 
+def _aux(bundle, m, static):
+  """(aux params, static kwargs with aux_graphdef) for methods with an auxiliary draft model."""
+  aux = m.aux_bundle(bundle) if hasattr(m, "aux_bundle") else None
+  if aux is None:
+    return None, static
+  return aux.params, dict(static, aux_graphdef=aux.graphdef)
+
+
 def _finish_method(bundle, m, state):
   """Keep per-bundle method memory; report acceptance to methods that learn from it."""
   memory_key = getattr(m, "memory_key", None)
@@ -161,19 +169,20 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
   params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
   eos = bundle.eos_ids
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
-  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state),
-                                dict(static, graphdef=bundle.graphdef, prompt_len=P))
+  aux_params, static = _aux(bundle, m, static)
+  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
+                                dict(static, graphdef=bundle.graphdef, prompt_len=P, method=m))
   chunk = STOP_CHECK_STEPS if stop else state.committed.shape[0]
   steps_arg = jnp.asarray(chunk, jnp.int32)
   t0 = time.perf_counter()
-  state = jax.block_until_ready(pre(params, state))
+  state = jax.block_until_ready(pre(params, state, aux_params))
   prefill_s = time.perf_counter() - t0
-  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps_arg),
+  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps_arg, aux_params),
                                 dict(static, graphdef=bundle.graphdef, method=m))
   t1 = time.perf_counter()
   stopped = [False] * len(ids)
   while True:
-    state = run(params, state, steps_arg)
+    state = run(params, state, steps_arg, aux_params)
     done = sharding.to_host(state.done)
     if stop:
       rows = _row_outputs(state, eos)
@@ -216,11 +225,12 @@ def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 12
   eos = bundle.eos_ids
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
   params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
-  pre, _ = engine.COMPILED.get(prefill_jit, (params, state),
-                               dict(static, graphdef=bundle.graphdef, prompt_len=P))
-  state = pre(params, state)
+  aux_params, static = _aux(bundle, m, static)
+  pre, _ = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
+                               dict(static, graphdef=bundle.graphdef, prompt_len=P, method=m))
+  state = pre(params, state, aux_params)
   one = jnp.asarray(1, jnp.int32)
-  run, _ = engine.COMPILED.get(run_steps_jit, (params, state, one),
+  run, _ = engine.COMPILED.get(run_steps_jit, (params, state, one, aux_params),
                                dict(static, graphdef=bundle.graphdef, method=m))
   shown = ""
   while True:
@@ -232,5 +242,5 @@ def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 12
       shown = text
     if hit or bool(sharding.to_host(state.done)[0]) or int(state.step) >= state.committed.shape[0]:
       break
-    state = run(params, state, one)
+    state = run(params, state, one, aux_params)
   _finish_method(bundle, m, state)

@@ -71,12 +71,12 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
       step=jnp.zeros((), jnp.int32),
       committed=jnp.zeros((steps, B), jnp.int32),
       accepted=jnp.zeros((steps, B), jnp.int32),
-      method_state=method.init_method_state(config, B),
+      method_state=method.init_method_state(config, B, num_slots, cache_dtype),
   )
 
 
-def prefill(params, state: DecodeState, *, graphdef, prompt_len: int, sampling: SamplingConfig,
-            eos_ids: tuple[int, ...], attn_impl: str = "auto") -> DecodeState:
+def prefill(params, state: DecodeState, aux_params=None, *, graphdef, prompt_len: int, sampling: SamplingConfig,
+            eos_ids: tuple[int, ...], attn_impl: str = "auto", method=None, aux_graphdef=None) -> DecodeState:
   """Run the padded prompts [B, P] through the model, commit each row's prompt K/V and sample
   the first new token from the logits at its last prompt position."""
   model = nnx.merge(graphdef, params)
@@ -89,27 +89,37 @@ def prefill(params, state: DecodeState, *, graphdef, prompt_len: int, sampling: 
   key, sub = jax.random.split(state.key)
   first_B = sample_tokens(logits_Bx1xV[:, 0], sub, sampling)
   state, _ = append_tokens(state.replace(key=key), first_B[:, None], jnp.ones((B,), jnp.int32), eos_ids)
-  return state.replace(cache=advance(cache, state.prompt_lens))
+  state = state.replace(cache=advance(cache, state.prompt_lens))
+  if method is not None and hasattr(method, "prefill_method"):  # e.g. a draft model's own prompt pass
+    aux = nnx.merge(aux_graphdef, aux_params) if aux_graphdef is not None else None
+    state = state.replace(method_state=method.prefill_method(aux, state, prompt_len, attn_impl))
+  return state
 
 
-def run_steps(params, state: DecodeState, num_steps: jax.Array, *, graphdef, method, sampling,
-              eos_ids, attn_impl: str = "auto") -> DecodeState:
-  """Up to `num_steps` decode steps on device, stopping early when every row is done."""
+def run_steps(params, state: DecodeState, num_steps: jax.Array, aux_params=None, *, graphdef, method, sampling,
+              eos_ids, attn_impl: str = "auto", aux_graphdef=None) -> DecodeState:
+  """Up to `num_steps` decode steps on device, stopping early when every row is done.
+
+  `aux_params`/`aux_graphdef`: an auxiliary model the method uses (a draft model), or None.
+  """
   model = nnx.merge(graphdef, params)
+  aux = nnx.merge(aux_graphdef, aux_params) if aux_graphdef is not None else None
   limit = jnp.minimum(state.step + num_steps, state.committed.shape[0])
 
   def cond(s):
     return (s.step < limit) & ~jnp.all(s.done)
 
   def body(s):
-    return method.step(model, s, sampling, eos_ids, attn_impl)
+    return method.step(model, s, sampling, eos_ids, attn_impl, aux=aux)
 
   return jax.lax.while_loop(cond, body, state)
 
 
-prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl"),
+prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl",
+                                                "method", "aux_graphdef"),
                       donate_argnames=("state",))
-run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl"),
+run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl",
+                                                    "aux_graphdef"),
                         donate_argnames=("state",))
 
 

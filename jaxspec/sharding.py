@@ -510,7 +510,7 @@ def restore_params(path: str | Path, abstract_params, mesh: Mesh, rules: Shardin
   or the `params` of any bundle of the same model."""
   import orbax.checkpoint as ocp
   shardings = param_shardings(abstract_params, mesh, rules, config)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract_params, shardings)
+  target = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                        abstract_params, shardings, is_leaf=_is_var)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(Path(path).absolute(), target)

@@ -1,6 +1,11 @@
 """Decoding methods. Each is a frozen dataclass (hashable: a jit static argument) with
-`scratch_tokens`, `max_commit`, `init_method_state(config, B)` and `step(model, state, sampling,
-eos_ids, attn_impl)`. Adding a method is one new file plus a line in METHODS."""
+`scratch_tokens`, `max_commit`, `init_method_state(config, B, num_slots, dtype)` and
+`step(model, state, sampling, eos_ids, attn_impl, aux=None)`. Speculative methods derive from
+`speculative.SpeculativeMethod` and only write `tree`, `propose` and `update`.
+Optional hooks: `resolve(bundle)` (pick concrete options per model), `aux_bundle(bundle)` (an
+auxiliary draft model), `prefill_method(aux, state, prompt_len, attn_impl)`, `memory_key`
+(state kept across calls in bundle.method_memory), `observe(bundle, mean_accepted, steps)`.
+Adding a method is one new file plus a line in METHODS."""
 
 from __future__ import annotations
 

@@ -19,10 +19,11 @@ class AR:
   scratch_tokens = 1  # T: tokens per forward
   max_commit = 1  # most tokens one step can commit
 
-  def init_method_state(self, config, batch_size: int):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
     return ()
 
-  def step(self, model, state: DecodeState, sampling: SamplingConfig, eos_ids, attn_impl="auto") -> DecodeState:
+  def step(self, model, state: DecodeState, sampling: SamplingConfig, eos_ids, attn_impl="auto",
+           aux=None) -> DecodeState:
     """Feed the pending token, sample the next. Commit moves no cache data."""
     B = state.batch_size
     logits_Bx1xV, _, cache = model(

@@ -56,7 +56,7 @@ class PromptLookup(SpeculativeMethod):
   def tree(self) -> TreeSpec:
     return TreeSpec.chain(self.k)
 
-  def propose(self, model, state: DecodeState, sampling, key) -> Draft:
+  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
     cont, valid = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
     # a chain: once one draft is invalid, all after it are too
     valid = jnp.cumprod(valid.astype(jnp.int32), axis=1).astype(bool)

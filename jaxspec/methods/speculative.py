@@ -47,24 +47,29 @@ class SpeculativeMethod:
   def max_commit(self) -> int:
     return self.tree.max_depth + 1
 
-  def init_method_state(self, config, batch_size: int):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+    """Method state carried in DecodeState.method_state (any pytree)."""
     return ()
 
-  def propose(self, model, state: DecodeState, sampling: SamplingConfig, key) -> Draft:
+  def propose(self, model, state: DecodeState, sampling: SamplingConfig, key, aux=None) -> Draft:
+    """The draft for this step. `aux` is the auxiliary (draft) model, if the method has one."""
     raise NotImplementedError
 
-  def update(self, method_state, state: DecodeState, draft: Draft, logits_BxTxV, hidden, verdict: Verdict):
+  def update(self, method_state, state: DecodeState, draft: Draft, logits_BxTxV, hidden, verdict: Verdict, n_B):
+    """New method state after the verified step. `state` already holds the committed tokens;
+    n_B is what each row actually committed (the verdict cut at EOS / budget)."""
     return method_state
 
-  def step(self, model, state: DecodeState, sampling: SamplingConfig, eos_ids, attn_impl="auto") -> DecodeState:
-    return speculative_step(self, model, state, sampling, eos_ids, attn_impl)
+  def step(self, model, state: DecodeState, sampling: SamplingConfig, eos_ids, attn_impl="auto",
+           aux=None) -> DecodeState:
+    return speculative_step(self, model, state, sampling, eos_ids, attn_impl, aux)
 
 
 def speculative_step(method: SpeculativeMethod, model, state: DecodeState, sampling: SamplingConfig, eos_ids,
-                     attn_impl: str = "auto") -> DecodeState:
+                     attn_impl: str = "auto", aux=None) -> DecodeState:
   """One target forward over the draft; commits the verified tokens (>= 1 per active row)."""
   key, k_prop, k_ver = jax.random.split(state.key, 3)
-  draft = method.propose(model, state, sampling, k_prop)
+  draft = method.propose(model, state, sampling, k_prop, aux)
   depth_T = jnp.asarray(method.forward_depth, jnp.int32)
   positions_BxT = state.cache.lengths[:, None] + depth_T[None, :]
   logits_BxTxV, hidden, cache = model(state.cache, draft.tokens, positions_BxT, jnp.asarray(method.forward_mask),
@@ -74,5 +79,5 @@ def speculative_step(method: SpeculativeMethod, model, state: DecodeState, sampl
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
   cache = advance(cache, n_B) if tree.is_chain else commit(cache, verdict.path, n_B)
-  method_state = method.update(st.method_state, st, draft, logits_BxTxV, hidden, verdict)
+  method_state = method.update(st.method_state, st, draft, logits_BxTxV, hidden, verdict, n_B)
   return record_step(st.replace(cache=cache, method_state=method_state), n_B)

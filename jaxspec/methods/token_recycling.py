@@ -71,10 +71,10 @@ class TokenRecycling(SpeculativeMethod):
   def slots(self) -> np.ndarray:
     return np.asarray(self._template[1], np.int32)
 
-  def init_method_state(self, config, batch_size: int):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
     return jnp.zeros((config.vocab_size, self.k), jnp.int32)
 
-  def propose(self, model, state: DecodeState, sampling, key) -> Draft:
+  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
     M_Vxk = state.method_state
     tree = self.tree
     parents, slots, depth = np.asarray(tree.parents), self.slots, tree.depth
@@ -86,7 +86,7 @@ class TokenRecycling(SpeculativeMethod):
       toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
     return Draft(tokens=toks, valid=jnp.ones((B, tree.size), bool))
 
-  def update(self, M_Vxk, state, draft: Draft, logits_BxTxV, hidden, verdict):
+  def update(self, M_Vxk, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     T = self.tree.size
     top_BxTxk = jax.lax.top_k(logits_BxTxV[:, :T], self.k)[1].astype(jnp.int32)
     return M_Vxk.at[draft.tokens[:, :T].reshape(-1)].set(top_BxTxk.reshape(-1, self.k))
