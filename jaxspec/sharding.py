@@ -135,7 +135,7 @@ def parse_mesh(text: str) -> dict[str, int]:
   except ValueError:
     raise InvalidOptionError(f"bad mesh {text!r}; write it as data=2,model=4 (or 2x4)") from None
   if any(v < 1 for v in out.values()):
-    raise InvalidOptionError(f"mesh axis sizes must be >= 1, got {text!r}")
+    raise InvalidOptionError(f"mesh axis sizes must be >= 1, got {text!r}; e.g. data=2,model=4")
   return out
 
 

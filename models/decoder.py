@@ -124,11 +124,13 @@ class Decoder(nnx.Module):
       capture: Sequence[int] = (),
       logits_index_BxN: jax.Array | None = None,
       attn_impl: str = "auto",
+      num_layers: int | None = None,
   ) -> tuple[jax.Array, dict[int, jax.Array], KVCache]:
     """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
     `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
 
-    `capture` layer ids are 0-based block indices; -1 means the last block.
+    `capture` layer ids are 0-based block indices; -1 means the last block. `num_layers` runs
+    only the first blocks before the final norm and LM head (early exit: a self-drafter).
     """
     c = self.config
     capture = {l % c.num_layers for l in capture}
@@ -136,6 +138,8 @@ class Decoder(nnx.Module):
     cos, sin = rope_cos_sin(positions_BxT, c.head_dim, c.rope_theta)
     ks, vs, hidden = list(cache.k), list(cache.v), {}
     for i, block in enumerate(self.blocks):
+      if num_layers is not None and i >= num_layers:
+        break
       x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], cache.lengths, tree_mask_TxT, attn_impl)
       if i in capture:
         hidden[i] = x

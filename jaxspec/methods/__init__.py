@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from jaxspec.errors import InvalidOptionError, UnknownMethodError
 from jaxspec.methods.ar import AR
+from jaxspec.methods.draft_model import DraftModelSpeculation
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.methods.token_recycling import TokenRecycling
 
-METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling}
+METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling, "draft": DraftModelSpeculation}
 
 
 def get_method(name: str, **options):

@@ -52,8 +52,14 @@ class SpeculativeMethod:
     return ()
 
   def propose(self, model, state: DecodeState, sampling: SamplingConfig, key, aux=None) -> Draft:
-    """The draft for this step. `aux` is the auxiliary (draft) model, if the method has one."""
+    """The draft for this step (or (draft, new method state)). `aux` is the auxiliary (draft)
+    model, if the method has one."""
     raise NotImplementedError
+
+  def verify_draft(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key) -> Verdict:
+    """Accept drafted tokens of the first `tree.size` forward tokens. The shared verifier; a
+    method overrides this only to change the rule (e.g. a trie over duplicate candidates)."""
+    return verify(self.tree, draft, logits_BxTxV, sampling, key, self.without_replacement)
 
   def update(self, method_state, state: DecodeState, draft: Draft, logits_BxTxV, hidden, verdict: Verdict, n_B):
     """New method state after the verified step. `state` already holds the committed tokens;
@@ -70,12 +76,15 @@ def speculative_step(method: SpeculativeMethod, model, state: DecodeState, sampl
   """One target forward over the draft; commits the verified tokens (>= 1 per active row)."""
   key, k_prop, k_ver = jax.random.split(state.key, 3)
   draft = method.propose(model, state, sampling, k_prop, aux)
+  if isinstance(draft, tuple):  # (draft, method state after drafting), e.g. a drafter's cache
+    draft, method_state = draft
+    state = state.replace(method_state=method_state)
   depth_T = jnp.asarray(method.forward_depth, jnp.int32)
   positions_BxT = state.cache.lengths[:, None] + depth_T[None, :]
   logits_BxTxV, hidden, cache = model(state.cache, draft.tokens, positions_BxT, jnp.asarray(method.forward_mask),
                                       capture=method.capture, attn_impl=attn_impl)
   tree = method.tree
-  verdict = verify(tree, draft, logits_BxTxV, sampling, k_ver, method.without_replacement)
+  verdict = method.verify_draft(draft, logits_BxTxV, sampling, k_ver)
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
   cache = advance(cache, n_B) if tree.is_chain else commit(cache, verdict.path, n_B)
