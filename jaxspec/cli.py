@@ -102,6 +102,8 @@ def main(argv=None) -> int:
   p.add_argument("name")
   p.add_argument("--quiet", action="store_true")
   sub.add_parser("models", help="list packaged models and decoding methods")
+  from jaxspec.bench import add_bench_parser
+  add_bench_parser(sub)
   args = parser.parse_args(argv)
   from jaxspec.errors import JaxspecError
   try:
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
       return _generate(args)
     if args.command == "pull":
       return _pull(args)
+    if args.command == "bench":
+      return args.func(args)
     return _models(args)
   except JaxspecError as e:
     print(f"jaxspec: error: {e}", file=sys.stderr)

@@ -1,0 +1,225 @@
+"""Benchmark runner: methods x model x prompt file x max tokens x temperature, AR baseline in
+the same process. Exposed as `jaxspec bench`.
+
+For each method (AR first) one warm-up generate compiles it (compile time reported apart),
+then every prompt runs alone (batch 1) and its stats are kept. Per category and overall:
+MAT (tokens / target forwards), per-position acceptance, tokens/s (tokens / wall time without
+compilation), speedup over AR (ratio of those tokens/s, and the median of per-prompt ratios),
+compile time. Writes a JSON file, prints a table, optionally a matplotlib plot, and the
+device's forward-time curve (seconds per forward vs tokens in the forward).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import statistics
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxspec.errors import InvalidOptionError
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict, str]:
+  """"recycling:template=small,k=8" -> ("recycling", {"template": "small", "k": 8}, label)."""
+  name, _, rest = spec.partition(":")
+  opts = {}
+  for item in filter(None, rest.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise InvalidOptionError(f"bad method option {item!r} in {spec!r}; use name:key=value,key=value")
+    try:
+      opts[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      opts[key.strip()] = value.strip()
+  return name.strip(), opts, spec
+
+
+def load_prompts(path: str | os.PathLike, categories=None, per_category: int = 2) -> list[dict]:
+  """First-turn prompts from a Spec-Bench style JSONL (question_id, category, turns)."""
+  path = Path(path)
+  if not path.is_file():
+    raise InvalidOptionError(f"prompt file {path} not found; pass --prompts PATH (Spec-Bench JSONL)")
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  chosen, seen = [], {}
+  for r in rows:
+    cat = r["category"]
+    if categories and cat not in categories:
+      continue
+    if seen.get(cat, 0) < per_category:
+      seen[cat] = seen.get(cat, 0) + 1
+      chosen.append({"id": r["question_id"], "category": cat, "prompt": r["turns"][0]})
+  if not chosen:
+    raise InvalidOptionError(f"no prompts selected from {path} (categories={categories})")
+  return chosen
+
+
+def _summarise(runs: list[dict], ar_runs: list[dict] | None) -> dict:
+  tokens = sum(r["new_tokens"] for r in runs)
+  forwards = sum(r["forwards"] for r in runs)
+  wall = sum(r["wall_s"] for r in runs)
+  hist = np.sum([r["accept_hist"] for r in runs], axis=0) if runs else np.zeros(1)
+  total = hist.sum()
+  rates = [float(hist[k + 1:].sum() / total) if total else 0.0 for k in range(1, len(hist) - 1)]
+  out = {"prompts": len(runs), "tokens": tokens, "forwards": forwards, "mat": tokens / max(forwards, 1),
+         "wall_s": wall, "tokens_per_s": tokens / wall if wall else float("nan"), "accept_rates": rates}
+  if ar_runs is not None:
+    ar_tps = sum(r["new_tokens"] for r in ar_runs) / sum(r["wall_s"] for r in ar_runs)
+    out["speedup"] = out["tokens_per_s"] / ar_tps
+    ratios = [(r["new_tokens"] / r["wall_s"]) / (a["new_tokens"] / a["wall_s"]) for r, a in zip(runs, ar_runs)]
+    out["speedup_median"] = float(statistics.median(ratios)) if ratios else float("nan")
+  return out
+
+
+def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recycling"), prompts_path=None,
+              categories=None, per_category: int = 2, max_new_tokens: int = 128, temperature: float = 0.0,
+              top_p: float = 1.0, top_k: int = 0, seed: int = 0, dtype=None, forward_curve=(),
+              out: str | None = None, plot: str | None = None, mesh=None, progress: bool = True) -> dict:
+  import jaxspec
+
+  bundle = jaxspec.load_model(model, dtype=dtype, progress=progress)
+  prompts = load_prompts(prompts_path, categories, per_category)
+  specs = [parse_method_spec(m) if isinstance(m, str) else m for m in methods]
+  if not specs or specs[0][0] != "ar":
+    specs = [("ar", {}, "ar")] + [s for s in specs if s[2] != "ar"]
+  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+  if mesh is not None:
+    kw["mesh"] = mesh
+  results = OrderedDict()
+  for name, opts, label in specs:
+    t0 = time.perf_counter()
+    warm = jaxspec.generate(bundle, [prompts[0]["prompt"]], method=name, method_options=opts, **kw)
+    compile_s = warm.stats.compile_s
+    runs = []
+    for p in prompts:
+      r = jaxspec.generate(bundle, [p["prompt"]], method=name, method_options=opts, **kw)
+      s = r.stats
+      compile_s += s.compile_s  # a new prompt-length bucket compiles once more
+      runs.append({"id": p["id"], "category": p["category"], "new_tokens": sum(s.new_tokens),
+                   "forwards": sum(s.forwards), "wall_s": s.wall_s, "accept_hist": s.accept_hist,
+                   "token_ids": r.token_ids[0]})
+    results[label] = {"method": name, "options": opts, "compile_s": compile_s,
+                      "total_s": time.perf_counter() - t0, "runs": runs}
+    if progress:
+      print(f"  {label}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+
+  ar_runs = results["ar"]["runs"]
+  cats = sorted({p["category"] for p in prompts})
+  summary = OrderedDict()
+  for label, res in results.items():
+    per_cat = {c: _summarise([r for r in res["runs"] if r["category"] == c],
+                             [a for a in ar_runs if a["category"] == c]) for c in cats}
+    overall = _summarise(res["runs"], ar_runs)
+    same = sum(r["token_ids"] == a["token_ids"] for r, a in zip(res["runs"], ar_runs))
+    summary[label] = {"overall": overall, "categories": per_cat, "compile_s": res["compile_s"],
+                      "identical_to_ar": f"{same}/{len(ar_runs)}"}
+  curve = {}
+  if forward_curve:
+    from jaxspec.profiling import forward_time_curve
+    curve = forward_time_curve(bundle, list(forward_curve))
+  report = {
+      "model": model, "dtype": str(bundle.dtype), "backend": jax.default_backend(),
+      "device": str(jax.devices()[0]), "max_new_tokens": max_new_tokens, "temperature": temperature,
+      "top_p": top_p, "top_k": top_k, "prompts": len(prompts), "categories": cats,
+      "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "host": platform.node(), "summary": summary, "forward_time_curve_s": {str(k): v for k, v in curve.items()},
+      "runs": {label: res["runs"] for label, res in results.items()},
+  }
+  print(format_table(report))
+  if out:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+  if plot:
+    plot_report(report, plot)
+    print(f"wrote {plot}")
+  return report
+
+
+def format_table(report: dict) -> str:
+  cats = report["categories"]
+  lines = [f"model {report['model']} ({report['dtype']}, {report['backend']}), {report['prompts']} prompts, "
+           f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}"]
+  head = f"{'method':<28}{'MAT':>6}{'tok/s':>8}{'speedup':>9}{'med':>6}{'compile':>9}  same-as-AR  " + \
+         "  ".join(f"{c[:10]:>10}" for c in cats)
+  lines += [head, "-" * len(head)]
+  for label, s in report["summary"].items():
+    o = s["overall"]
+    cat_cells = "  ".join(f"{s['categories'][c]['mat']:>4.2f}/{s['categories'][c].get('speedup', 1):>4.2f}"
+                          for c in cats)
+    lines.append(f"{label:<28}{o['mat']:>6.2f}{o['tokens_per_s']:>8.1f}{o.get('speedup', 1.0):>9.2f}"
+                 f"{o.get('speedup_median', 1.0):>6.2f}{s['compile_s']:>8.1f}s  {s['identical_to_ar']:>10}  "
+                 f"{cat_cells}")
+  lines.append("(per category: MAT/speedup; speedup = tokens/s over AR in this run; med = median per-prompt ratio)")
+  for label, s in report["summary"].items():
+    rates = s["overall"]["accept_rates"]
+    if rates:
+      lines.append(f"  {label} acceptance by draft position: " + " ".join(f"{r:.2f}" for r in rates[:8]))
+  if report.get("forward_time_curve_s"):
+    lines.append("forward time vs tokens: " + ", ".join(f"T={k}: {v * 1e3:.1f}ms"
+                                                         for k, v in report["forward_time_curve_s"].items()))
+  return "\n".join(lines)
+
+
+def plot_report(report: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cats = report["categories"] + ["overall"]
+  labels = list(report["summary"])
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  width = 0.8 / max(len(labels), 1)
+  for i, label in enumerate(labels):
+    s = report["summary"][label]
+    speed = [s["categories"][c].get("speedup", 1.0) for c in report["categories"]] + [s["overall"].get("speedup", 1.0)]
+    mat = [s["categories"][c]["mat"] for c in report["categories"]] + [s["overall"]["mat"]]
+    x = np.arange(len(cats)) + i * width
+    axes[0].bar(x, speed, width, label=label)
+    axes[1].bar(x, mat, width, label=label)
+  for ax, title in zip(axes, ("speedup over AR (tokens/s)", "mean accepted tokens per forward (MAT)")):
+    ax.set_xticks(np.arange(len(cats)) + 0.4 - width / 2)
+    ax.set_xticklabels(cats, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.axhline(1.0, color="gray", lw=0.8)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"{report['model']} {report['dtype']} {report['backend']}, T={report['temperature']}")
+  fig.tight_layout()
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def add_bench_parser(sub) -> None:
+  p = sub.add_parser("bench", help="benchmark decoding methods against AR on a prompt file")
+  p.add_argument("--model", default="smollm2-135m-instruct")
+  p.add_argument("--methods", default="ar,pld,recycling",
+                 help="comma-free list separated by ';' or spaces, e.g. 'pld;recycling:template=small'")
+  p.add_argument("--prompts", required=True, help="Spec-Bench JSONL (question_id, category, turns)")
+  p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+  p.add_argument("--per-category", type=int, default=2)
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None)
+  p.add_argument("--forward-curve", default="", help="token counts to time one forward at, e.g. 1,2,4,8,16,32,64,128")
+  p.add_argument("--out", default=None, help="JSON result path")
+  p.add_argument("--plot", default=None, help="PNG path for the speedup/MAT plot")
+  p.set_defaults(func=_bench_cmd)
+
+
+def _bench_cmd(args) -> int:
+  methods = [m for chunk in args.methods.split(";") for m in chunk.split()]
+  cats = args.categories.split(",") if args.categories else None
+  curve = [int(x) for x in args.forward_curve.split(",") if x]
+  run_bench(args.model, methods, args.prompts, cats, args.per_category, args.max_new_tokens, args.temperature,
+            args.top_p, args.top_k, args.seed, args.dtype, curve, args.out, args.plot,
+            mesh=getattr(args, "mesh_obj", None))
+  return 0
