@@ -124,6 +124,12 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   return m, sampling, ids, P, state
 
 
+def _prefill_method(m):
+  """The method if its prefill needs it, else None: methods without a prefill hook share one
+  compiled prefill."""
+  return m if hasattr(m, "prefill_method") else None
+
+
 def _aux(bundle, m, static):
   """(aux params, static kwargs with aux_graphdef) for methods with an auxiliary draft model."""
   aux = m.aux_bundle(bundle) if hasattr(m, "aux_bundle") else None
@@ -170,8 +176,9 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
   eos = bundle.eos_ids
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
   aux_params, static = _aux(bundle, m, static)
+  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
   pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
-                                dict(static, graphdef=bundle.graphdef, prompt_len=P, method=m))
+                                dict(static, graphdef=bundle.graphdef, prompt_len=P, method=_prefill_method(m)))
   chunk = STOP_CHECK_STEPS if stop else state.committed.shape[0]
   steps_arg = jnp.asarray(chunk, jnp.int32)
   t0 = time.perf_counter()
@@ -226,8 +233,9 @@ def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 12
   static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
   params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
   aux_params, static = _aux(bundle, m, static)
+  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
   pre, _ = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
-                               dict(static, graphdef=bundle.graphdef, prompt_len=P, method=m))
+                               dict(static, graphdef=bundle.graphdef, prompt_len=P, method=_prefill_method(m)))
   state = pre(params, state, aux_params)
   one = jnp.asarray(1, jnp.int32)
   run, _ = engine.COMPILED.get(run_steps_jit, (params, state, one, aux_params),

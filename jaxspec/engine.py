@@ -23,7 +23,7 @@ from jaxspec.models.kv_cache import advance, init_cache
 from jaxspec.sampling import SamplingConfig, sample_tokens
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this: fewer recompiles
-CACHE_BUCKET = 128  # cache slots are a multiple of this (kernel block friendly)
+CACHE_BUCKET = 256  # cache slots are a multiple of this: kernel-block friendly, fewer recompiles
 
 
 def _round_up(x: int, m: int) -> int:
@@ -54,7 +54,7 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
                num_slots: int, max_steps: int, cache_dtype) -> DecodeState:
   """Host-side construction of the initial state (before prefill)."""
   B = len(prompts)
-  N = _round_up(max(len(p) for p in prompts), PROMPT_BUCKET) + max_new_tokens + method.max_commit + 1
+  N = num_slots + method.max_commit + 1  # tied to the cache size: one loop compilation per cache bucket
   tokens = np.zeros((B, N), np.int32)
   for b, p in enumerate(prompts):
     tokens[b, : len(p)] = p

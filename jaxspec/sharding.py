@@ -488,6 +488,19 @@ def decode_fns(bundle, state, mesh: Mesh | None = None, rules: ShardingRules | N
   return (params, state) + _FNS[key]
 
 
+def aux_params_for(aux_params, bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None):
+  """An auxiliary (draft) model's params on the call's mesh, split by their logical axes (sizes
+  checked per dimension: the drafter's config is not at hand); unchanged when unsharded.
+  Moved on every call unless already there: shard the drafter once for repeated use."""
+  layout = layout_for(bundle, mesh, rules)
+  if layout is None or aux_params is None:
+    return aux_params
+  raw = rules or getattr(bundle, "rules", None) or DEFAULT_RULES
+  target = param_shardings(aux_params, layout.mesh, raw)
+  ok = all(_on(x, t) for x, t in zip(jax.tree.leaves(aux_params), jax.tree.leaves(target)))
+  return aux_params if ok else jax.device_put(aux_params, target)
+
+
 def _on(x, sharding) -> bool:
   return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
 

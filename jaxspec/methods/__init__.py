@@ -14,8 +14,14 @@ from jaxspec.methods.ar import AR
 from jaxspec.methods.draft_model import DraftModelSpeculation
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.methods.token_recycling import TokenRecycling
+from jaxspec.methods.jacobi import Jacobi
+from jaxspec.methods.lookahead import Lookahead
+from jaxspec.methods.sjd import SJD
 
 METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling, "draft": DraftModelSpeculation}
+METHODS["jacobi"] = Jacobi
+METHODS["lookahead"] = Lookahead
+METHODS["sjd"] = SJD
 
 
 def get_method(name: str, **options):

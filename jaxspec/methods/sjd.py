@@ -25,7 +25,7 @@ from jaxspec.methods.jacobi import ONE_HOT, PROMPT, UNIFORM, WindowMethod, promp
 from jaxspec.sampling import target_logprobs
 from jaxspec.verify import Draft, verify_stochastic
 
-ACCEPT_RULES = ("exact", "ignore_q", "naive")
+ACCEPT_RULES = ("exact", "naive", "stale_q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,8 @@ class SJD(WindowMethod):
   """`L`: window slots; `init`: fresh-slot strategy (jaxspec.methods.jacobi.INITS; the paper's
   is "random"); `w`: row width for token grids ("left"/"above"), the grid starts at the prompt
   end. `accept_rule` other than "exact" is deliberately wrong and exists for tests only:
-  "ignore_q" accepts with p(x) instead of p(x)/q(x), "naive" resamples from p, not the residual.
+  "naive" resamples from p, not the residual; "stale_q" verifies carried drafts with the init
+  distribution instead of the one they were drawn from.
   """
 
   L: int = 16
@@ -81,15 +82,15 @@ class SJD(WindowMethod):
       assert kind == ONE_HOT
       fresh_BxKxV = jax.nn.one_hot(tokens[:, 1:], V, dtype=jnp.float32)
     is_carried_BxK = jnp.arange(L - 1)[None, :] < ms["carried"][:, None]
+    if self.accept_rule == "stale_q":
+      is_carried_BxK = jnp.zeros_like(is_carried_BxK)
     q_BxKxV = jnp.where(is_carried_BxK[..., None], jnp.exp(logq_BxKxV), fresh_BxKxV)
     q_BxLxV = jnp.concatenate([jax.nn.one_hot(tokens[:, :1], V, dtype=jnp.float32), q_BxKxV], axis=1)
     return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q_probs=q_BxLxV)
 
   def verify_draft(self, draft: Draft, logits_BxTxV, sampling, key):
-    if sampling.greedy or self.accept_rule == "exact":
+    if sampling.greedy or self.accept_rule != "naive":
       return super().verify_draft(draft, logits_BxTxV, sampling, key)
-    if self.accept_rule == "ignore_q":  # drafts treated as deterministic: accept with p(x)
-      return verify_stochastic(self.tree, draft.replace(q_probs=None), logits_BxTxV, sampling, key)
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):

@@ -1,0 +1,256 @@
+"""Lookahead decoding (Fu et al. 2024): Jacobi iterations on a 2-D window feed an n-gram pool;
+pool candidates keyed by the pending token are verified in the same forward.
+
+One forward carries, after the pending token (root):
+* the verification branch: G candidate (N-1)-grams from the pool, each a chain from the root
+  (positions p+1..p+N-1; duplicates allowed), a static tree of G chains;
+* the lookahead window: N-1 rows x W columns; the token at row r, column j sits at position
+  p+1+r+j and attends to the root, row-0 columns <= j and column j of rows 1..r.
+After the forward the last row's argmaxes form a new row, the n-grams (row0[j], ..., new[j])
+enter the pool (key row0[j]; at most G per key, oldest evicted, duplicates skipped) and the
+rows shift up. The pool (pool[V, G, N-1] + a per-key insertion counter) is shared by the rows
+of a batch and may be seeded with the prompt's n-grams (and, optionally, the output's).
+
+Greedy: the longest candidate prefix equal to the argmax chain plus the next argmax (also when
+every guess matches). Sampling: candidates are deterministic drafts verified as a trie: at a
+depth, distinct tokens of the candidates still matching the accepted prefix are tried in order,
+x accepted with probability p(x), on rejection p(x) <- 0 and p renormalised; when all fail the
+token is drawn from what is left of p. Both are lossless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.decode_state import DecodeState, last_tokens
+from jaxspec.errors import InvalidOptionError
+from jaxspec.methods.speculative import SpeculativeMethod
+from jaxspec.sampling import target_logprobs
+from jaxspec.verify import Draft, TreeSpec, Verdict
+
+ACCEPT_RULES = ("exact", "naive")
+
+
+def pool_insert(pool_VxGxK, count_V, keys_M, vals_MxK, ok_M):
+  """Insert n-grams one by one (in order): skip one already stored under its key, else write
+  slot count % G (the oldest once full) and bump the key's counter."""
+  G = pool_VxGxK.shape[1]
+  g_G = jnp.arange(G)
+
+  def body(i, carry):
+    pool, count = carry
+    k, v = keys_M[i], vals_MxK[i]
+    c = count[k]
+    stored_GxK = pool[k]
+    dup = jnp.any(jnp.all(stored_GxK == v[None, :], axis=1) & (g_G < jnp.minimum(c, G)))
+    do = ok_M[i] & ~dup
+    slot = c % G
+    pool = pool.at[k, slot].set(jnp.where(do, v, stored_GxK[slot]))
+    return pool, count.at[k].add(do.astype(count.dtype))
+
+  return jax.lax.fori_loop(0, keys_M.shape[0], body, (pool_VxGxK, count_V))
+
+
+def ngrams_ending_at(tokens_BxN, end_BxM, K: int):
+  """n-grams of K+1 tokens ending at positions end[b, m]: (keys [B, M], values [B, M, K])."""
+  offs = jnp.arange(-K, 1, dtype=jnp.int32)
+  idx_BxMxK1 = jnp.clip(end_BxM[..., None] + offs, 0, tokens_BxN.shape[1] - 1)
+  gram = jax.vmap(lambda t, i: t[i])(tokens_BxN, idx_BxMxK1)
+  return gram[..., 0], gram[..., 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead(SpeculativeMethod):
+  """W window columns, N n-gram size (window rows N-1), G candidates verified per step.
+
+  `seed_pool`: insert the prompt's n-grams at prefill. `output_ngrams`: also insert the
+  n-grams that end in each newly committed token. `accept_rule` "naive" (resample from p on
+  rejection) is deliberately wrong and exists for tests only.
+  """
+
+  W: int = 5
+  N: int = 4
+  G: int = 5
+  seed_pool: bool = True
+  output_ngrams: bool = False
+  accept_rule: str = "exact"
+  name = "lookahead"
+
+  def __post_init__(self):
+    if self.W < 1 or self.N < 2 or self.G < 1:
+      raise InvalidOptionError(f"lookahead needs W >= 1, N >= 2, G >= 1, got W={self.W} N={self.N} G={self.G}")
+    if self.accept_rule not in ACCEPT_RULES:
+      raise InvalidOptionError(f"lookahead accept_rule must be one of {ACCEPT_RULES}, got {self.accept_rule!r}")
+
+  @property
+  def K(self) -> int:
+    """Tokens per candidate, rows of the window."""
+    return self.N - 1
+
+  @cached_property
+  def tree(self) -> TreeSpec:
+    K = self.K
+    parents = [-1]
+    for g in range(self.G):
+      parents += [0] + [1 + g * K + d for d in range(K - 1)]
+    return TreeSpec(tuple(parents))
+
+  @property
+  def candidate_nodes(self) -> np.ndarray:
+    """[G, K] tree node id of candidate g's token at depth d+1."""
+    return 1 + np.arange(self.G)[:, None] * self.K + np.arange(self.K)[None, :]
+
+  @property
+  def window_start(self) -> int:
+    return self.tree.size
+
+  @cached_property
+  def forward_depth(self) -> np.ndarray:
+    r, j = np.meshgrid(np.arange(self.K), np.arange(self.W), indexing="ij")
+    return np.concatenate([self.tree.depth, (1 + r + j).reshape(-1)]).astype(np.int32)
+
+  @cached_property
+  def forward_mask(self) -> np.ndarray:
+    Tt, K, W = self.tree.size, self.K, self.W
+    T = Tt + K * W
+    m = np.zeros((T, T), bool)
+    m[:Tt, :Tt] = self.tree.mask
+    win = lambda r, j: Tt + r * W + j
+    for r in range(K):
+      for j in range(W):
+        q = win(r, j)
+        m[q, 0] = True
+        m[q, [win(0, c) for c in range(j + 1)]] = True
+        m[q, [win(s, j) for s in range(1, r + 1)]] = True
+    return m
+
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+    return dict(pool=jnp.zeros((config.vocab_size, self.G, self.K), jnp.int32),
+                count=jnp.zeros((config.vocab_size,), jnp.int32),
+                window=jnp.zeros((batch_size, self.K, self.W), jnp.int32))
+
+  def method_state_axes(self, method_state):
+    return dict(pool=(None, None, None), count=(None,), window=("batch", None, None))
+
+  def prefill_method(self, aux, state: DecodeState, prompt_len: int, attn_impl):
+    """Window rows from prompt tokens spread over the prompt; pool seeded with prompt n-grams."""
+    ms = dict(state.method_state)
+    B, K, W = state.batch_size, self.K, self.W
+    frac = (np.arange(K * W) * 0.618034) % 1.0  # golden-ratio spread: varied, deterministic
+    idx_BxKW = jnp.floor(jnp.asarray(frac, jnp.float32)[None, :] * state.prompt_lens[:, None]).astype(jnp.int32)
+    ms["window"] = jnp.take_along_axis(state.tokens, idx_BxKW, axis=1).reshape(B, K, W)
+    if self.seed_pool and prompt_len > K:
+      ends = jnp.arange(K, prompt_len + 1, dtype=jnp.int32)  # up to the first generated token
+      keys, vals = ngrams_ending_at(state.tokens, jnp.broadcast_to(ends, (B, ends.shape[0])), K)
+      ok = ends[None, :] < state.num_tokens[:, None]
+      # position-major order: later n-grams are the more recent ones
+      ms["pool"], ms["count"] = pool_insert(ms["pool"], ms["count"], keys.T.reshape(-1),
+                                            vals.transpose(1, 0, 2).reshape(-1, K), ok.T.reshape(-1))
+    return ms
+
+  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+    ms = state.method_state
+    B, G, K = state.batch_size, self.G, self.K
+    root_B = last_tokens(state)
+    c_B = ms["count"][root_B]
+    g_G = jnp.arange(G, dtype=jnp.int32)
+    slot_BxG = (c_B[:, None] - 1 - g_G[None, :]) % G  # most recent first
+    cands_BxGxK = ms["pool"][root_B[:, None], slot_BxG]
+    valid_BxG = g_G[None, :] < jnp.minimum(c_B, G)[:, None]
+    tokens = jnp.concatenate([root_B[:, None], cands_BxGxK.reshape(B, G * K), ms["window"].reshape(B, K * self.W)],
+                             axis=1)
+    valid = jnp.concatenate([jnp.ones((B, 1), bool), jnp.repeat(valid_BxG, K, axis=1),
+                             jnp.ones((B, K * self.W), bool)], axis=1)
+    return Draft(tokens=tokens, valid=valid)
+
+  def verify_draft(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
+    if sampling.greedy:
+      return super().verify_draft(draft, logits_BxTxV, sampling, key)
+    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, self.accept_rule)
+
+  def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
+    ms = dict(method_state)
+    B, K, W = state.batch_size, self.K, self.W
+    last_row = self.window_start + (K - 1) * W
+    new_BxW = jnp.argmax(logits_BxTxV[:, last_row:last_row + W], axis=-1).astype(jnp.int32)
+    win_BxKxW = ms["window"]
+    keys_BxW = win_BxKxW[:, 0, :]
+    vals_BxWxK = jnp.concatenate([jnp.swapaxes(win_BxKxW[:, 1:, :], 1, 2), new_BxW[:, :, None]], axis=2)
+    warm = state.step >= K - 1  # rows 1..N-2 come from forwards, not from the init
+    ok_BxW = jnp.broadcast_to(((~state.done) & warm)[:, None], (B, W))
+    keys_M, vals_MxK, ok_M = keys_BxW.reshape(-1), vals_BxWxK.reshape(-1, K), ok_BxW.reshape(-1)
+    if self.output_ngrams:  # n-grams ending in each newly committed token
+      M = self.max_commit
+      end_BxM = state.num_tokens[:, None] - n_B[:, None] + jnp.arange(M, dtype=jnp.int32)[None, :]
+      ok_out = (jnp.arange(M)[None, :] < n_B[:, None]) & (end_BxM >= K)
+      k_out, v_out = ngrams_ending_at(state.tokens, end_BxM, K)
+      keys_M = jnp.concatenate([keys_M, k_out.reshape(-1)])
+      vals_MxK = jnp.concatenate([vals_MxK, v_out.reshape(-1, K)])
+      ok_M = jnp.concatenate([ok_M, ok_out.reshape(-1)])
+    ms["pool"], ms["count"] = pool_insert(ms["pool"], ms["count"], keys_M, vals_MxK, ok_M)
+    ms["window"] = jnp.concatenate([win_BxKxW[:, 1:, :], new_BxW[:, None, :]], axis=1)
+    return ms
+
+
+def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sampling, key,
+                           accept_rule: str = "exact") -> Verdict:
+  """Lossless verification of G deterministic chain candidates that may share prefixes.
+
+  Treats the candidates as a trie: at depth d the candidates still matching the accepted prefix
+  propose their token; each distinct token x is accepted with probability p(x) (p the target at
+  the accepted prefix, reduced by earlier rejections); on rejection p(x) <- 0, renormalise (a
+  repeated token then has probability 0). The token after the accepted prefix is drawn from the
+  remaining p. The committed sequence is distributed exactly as AR sampling.
+  `accept_rule="naive"` (keep p on rejection) is wrong on purpose, for tests.
+  """
+  G, K = nodes_GxK.shape
+  T = 1 + G * K
+  nodes = jnp.asarray(nodes_GxK, jnp.int32)
+  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+  keys = jax.random.split(key, draft.tokens.shape[0])
+
+  def row(p_TxV, toks_T, valid_T, k):
+    toks_GxK, ok_GxK = toks_T[nodes], valid_T[nodes]
+
+    def level(carry, inp):
+      d, lkey = inp
+      alive_G, p_V, n_acc, stopped, last_g = carry
+      us = jax.random.uniform(lkey, (G,))
+      acc_g = jnp.int32(-1)
+      for g in range(G):
+        x = toks_GxK[g, d]
+        usable = ~stopped & alive_G[g] & ok_GxK[g, d] & (acc_g < 0)
+        accept = usable & (us[g] < p_V[x])
+        reject = usable & ~accept
+        acc_g = jnp.where(accept, g, acc_g)
+        if accept_rule == "exact":
+          resid = p_V.at[x].set(0.0)
+          p_V = jnp.where(reject, resid / jnp.maximum(resid.sum(), 1e-30), p_V)
+      moved = acc_g >= 0
+      g_acc = jnp.maximum(acc_g, 0)
+      x_acc = toks_GxK[g_acc, d]
+      alive_G = jnp.where(moved, alive_G & ok_GxK[:, d] & (toks_GxK[:, d] == x_acc), alive_G)
+      p_V = jnp.where(moved, p_TxV[nodes[g_acc, d]], p_V)
+      carry = (alive_G, p_V, n_acc + moved.astype(jnp.int32), stopped | ~moved, jnp.where(moved, acc_g, last_g))
+      return carry, moved
+
+    k_levels, k_final = jax.random.split(k)
+    init = (jnp.ones((G,), bool), p_TxV[0], jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+    (_, p_V, n_acc, _, last_g), moved_K = jax.lax.scan(
+        level, init, (jnp.arange(K), jax.random.split(k_levels, K)))
+    nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p_V, 0.0))).astype(jnp.int32)
+    idx = jnp.arange(K + 1)
+    chain_nodes = jnp.concatenate([jnp.zeros((1,), jnp.int32), nodes[last_g]])  # root, then g's chain
+    last_node = chain_nodes[n_acc]
+    path = jnp.where(idx <= n_acc, chain_nodes, last_node)
+    chain_toks = jnp.concatenate([toks_GxK[last_g], toks_GxK[last_g, -1:]])
+    tokens = jnp.where(idx == n_acc, nxt, chain_toks)
+    return path, n_acc + 1, tokens, moved_K
+
+  path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
+  return Verdict(path=path, n=n, tokens=tokens, accepted_at_depth=moved)

@@ -1,0 +1,121 @@
+"""Checks shared by the window-method tests (jacobi, lookahead, sjd).
+
+* Greedy identity on the real model: 8 dev prompts whose chat encoding falls in one prompt
+  bucket (33..64 tokens), so every call of a method config reuses one compilation; the AR
+  reference is one batch-8 call, computed once per session.
+* Sampling exactness on a small random model with peaked next-token distributions: the exact
+  distribution of the first generated tokens by enumeration, compared with a method's samples
+  (thousands of rows of one prompt per generate call) by a chi-square test.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.stats import chisquare
+
+import jaxspec
+from conftest import dev_prompts, jit_forward, make_tiny_bundle
+from jaxspec.api import encode_prompts
+from jaxspec.models.kv_cache import init_cache
+from jaxspec.sampling import SamplingConfig, target_logprobs
+
+MAX_NEW = 32
+_AR_CACHE: dict = {}
+
+
+def real_prompts(bundle, n=8):
+  """Token ids of the first n dev prompts (categories round-robin) with 33..64 chat tokens."""
+  ids = [p for p in encode_prompts(bundle, dev_prompts(60)) if 32 < len(p) <= 64]
+  assert len(ids) >= n
+  return ids[:n]
+
+
+def ar_greedy(bundle, prompts, max_new=MAX_NEW):
+  key = (id(bundle), tuple(map(tuple, prompts)), max_new)
+  if key not in _AR_CACHE:
+    _AR_CACHE[key] = jaxspec.generate(bundle, prompts, max_new_tokens=max_new).token_ids
+  return _AR_CACHE[key]
+
+
+def assert_greedy_identical(bundle, method, options, max_new=MAX_NEW):
+  """Method outputs == greedy AR on the 8 prompts, at batch 3 (3 calls of 3 rows) and batch 1.
+  Returns the GenerateStats of every call."""
+  prompts = real_prompts(bundle)
+  ref = ar_greedy(bundle, prompts, max_new)
+  stats = []
+  rows = list(range(len(prompts))) + [0]  # 9 rows: three batches of 3
+  for c in range(0, 9, 3):
+    idx = rows[c:c + 3]
+    out = jaxspec.generate(bundle, [prompts[i] for i in idx], method=method, method_options=options,
+                           max_new_tokens=max_new)
+    for i, got in zip(idx, out.token_ids):
+      assert got == ref[i], f"{method} {options} batch 3, prompt {i}"
+    stats.append(out.stats)
+  for i, p in enumerate(prompts):
+    out = jaxspec.generate(bundle, [p], method=method, method_options=options, max_new_tokens=max_new)
+    assert out.token_ids[0] == ref[i], f"{method} {options} batch 1, prompt {i}"
+    stats.append(out.stats)
+  return stats
+
+
+def mat(stats) -> float:
+  return sum(sum(s.new_tokens) for s in stats) / sum(sum(s.forwards) for s in stats)
+
+
+# --- sampling exactness on a small random model ---------------------------------------------
+
+VOCAB = 16
+N_TOKENS = 3
+
+
+def peaked_tiny_bundle(seed=0, vocab=VOCAB):
+  """A random small model (no EOS) whose next-token distributions are far from uniform."""
+  b = make_tiny_bundle(seed=seed, vocab=vocab, layers=2, eos=())
+  b.tokenizer.eos_token_id = None
+  b.params["embed_VxE"].set_value(b.params["embed_VxE"][...] * 30.0)
+  b.params["lm_head_ExV"].set_value(b.params["lm_head_ExV"][...] * 30.0)
+  return b
+
+
+def exact_distribution(bundle, prompt, sampling: SamplingConfig, n_tokens=N_TOKENS):
+  """P[t1, ..., tn] of the first n generated tokens, by enumeration."""
+  V = bundle.config.vocab_size
+  fwd = jit_forward(bundle)
+  prefixes = np.array(list(itertools.product(range(V), repeat=n_tokens - 1)), np.int32).reshape(-1, n_tokens - 1)
+  L = len(prompt) + n_tokens - 1
+  seqs = np.concatenate([np.tile(np.asarray(prompt, np.int32), (len(prefixes), 1)), prefixes], axis=1)
+  lg, _, _ = fwd(init_cache(bundle.config, len(seqs), L), jnp.asarray(seqs),
+                 jnp.broadcast_to(jnp.arange(L), (len(seqs), L)), jnp.tril(jnp.ones((L, L), bool)))
+  logp = np.asarray(target_logprobs(lg[:, len(prompt) - 1:], sampling), np.float64)  # [prefixes, n, V]
+  P = np.zeros((V,) * n_tokens)
+  for row, pre in enumerate(prefixes):
+    lp = sum(logp[row, j, pre[j]] for j in range(n_tokens - 1))
+    P[tuple(pre)] = np.exp(lp + logp[row, n_tokens - 1])
+  return P / P.sum()
+
+
+def sample_counts(bundle, prompt, sampling: SamplingConfig, method, options=None, rows=4000, chunks=3,
+                  n_tokens=N_TOKENS, max_new=None):
+  """Counts of the first n_tokens generated tokens over rows*chunks samples (fixed seeds)."""
+  V = bundle.config.vocab_size
+  counts = np.zeros((V,) * n_tokens)
+  for c in range(chunks):
+    out = jaxspec.generate(bundle, [prompt] * rows, method=method, method_options=options,
+                           max_new_tokens=max_new or n_tokens, temperature=sampling.temperature,
+                           top_k=sampling.top_k, top_p=sampling.top_p, seed=1000 + c)
+    for ids in out.token_ids:
+      counts[tuple(ids[:n_tokens])] += 1
+  return counts, out.stats
+
+
+def gof_pvalue(counts, P, min_expected=5.0):
+  """Chi-square goodness of fit; cells expecting fewer than min_expected samples are pooled."""
+  e, o = (P * counts.sum()).ravel(), counts.ravel()
+  small = e < min_expected
+  e2, o2 = np.append(e[~small], e[small].sum()), np.append(o[~small], o[small].sum())
+  if e2[-1] == 0:
+    assert o2[-1] == 0, "samples where the target has probability 0"
+    e2, o2 = e2[:-1], o2[:-1]
+  return chisquare(o2, e2 / e2.sum() * o2.sum()).pvalue
