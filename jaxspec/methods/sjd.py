@@ -25,16 +25,15 @@ from jaxspec.methods.jacobi import ONE_HOT, PROMPT, UNIFORM, WindowMethod, promp
 from jaxspec.sampling import target_logprobs
 from jaxspec.verify import Draft, verify_stochastic
 
-ACCEPT_RULES = ("exact", "naive", "stale_q")
+ACCEPT_RULES = ("exact", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
 class SJD(WindowMethod):
   """`L`: window slots; `init`: fresh-slot strategy (jaxspec.methods.jacobi.INITS; the paper's
   is "random"); `w`: row width for token grids ("left"/"above"), the grid starts at the prompt
-  end. `accept_rule` other than "exact" is deliberately wrong and exists for tests only:
-  "naive" resamples from p, not the residual; "stale_q" verifies carried drafts with the init
-  distribution instead of the one they were drawn from.
+  end. `accept_rule="naive"` (resample from p, not the residual, on rejection) is deliberately
+  wrong and exists for tests only.
   """
 
   L: int = 16
@@ -82,8 +81,6 @@ class SJD(WindowMethod):
       assert kind == ONE_HOT
       fresh_BxKxV = jax.nn.one_hot(tokens[:, 1:], V, dtype=jnp.float32)
     is_carried_BxK = jnp.arange(L - 1)[None, :] < ms["carried"][:, None]
-    if self.accept_rule == "stale_q":
-      is_carried_BxK = jnp.zeros_like(is_carried_BxK)
     q_BxKxV = jnp.where(is_carried_BxK[..., None], jnp.exp(logq_BxKxV), fresh_BxKxV)
     q_BxLxV = jnp.concatenate([jax.nn.one_hot(tokens[:, :1], V, dtype=jnp.float32), q_BxKxV], axis=1)
     return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q_probs=q_BxLxV)
