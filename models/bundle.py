@@ -64,12 +64,14 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progress: bool = True,
-               place=None, mesh=None, rules=None) -> ModelBundle:
+               place=None, mesh=None, rules=None, few_token_layout: bool = False) -> ModelBundle:
   """Load a registered name, a local HF folder or a hub id into a ModelBundle.
 
   dtype defaults to fp32 on CPU and bf16 on accelerators. With `mesh` (jaxspec.sharding.make_mesh)
   each parameter is read shard by shard straight onto its sharding under `rules`
   (default jaxspec.sharding.DEFAULT_RULES), and the bundle decodes on that mesh.
+  `few_token_layout` adds [out, in] weight copies used by forwards of T > 1 tokens (faster
+  speculative verification on XLA CPU; see jaxspec.models.cpu_layout).
   """
   from jaxspec.models.hf_loader import load_decoder
   from jaxspec.models.pull import resolve_model_path
@@ -82,6 +84,9 @@ def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progr
     rules = rules or DEFAULT_RULES
     shardings = sharding_loader(mesh, rules)
   config, graphdef, params = load_decoder(folder, dtype=dtype, place=place, shardings=shardings)
+  if few_token_layout:
+    from jaxspec.models.cpu_layout import add_transposed_weights
+    graphdef, params = add_transposed_weights(graphdef, params)
   return ModelBundle(name=str(model), path=Path(folder), config=config, graphdef=graphdef,
                      params=params, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype),
                      mesh=mesh, rules=rules if mesh is not None else None)

@@ -32,6 +32,16 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init="normal", scale=0.02):
   return nnx.Param(value, logical_axes=axes)
 
 
+def linear(module: nnx.Module, name: str, x_BxTxI: jax.Array) -> jax.Array:
+  """x @ W for the weight `name` ([in, out]). When the module also holds `name + "_T"` ([out, in],
+  see jaxspec.models.cpu_layout) and T > 1, use it: on XLA CPU a few-token matmul against a
+  row-major [out, in] weight streams it once, while [in, out] takes a slower packed-GEMM path."""
+  transposed = getattr(module, name + "_T", None)
+  if transposed is not None and x_BxTxI.shape[1] > 1:
+    return jnp.einsum("oi,bti->bto", transposed[...], x_BxTxI)
+  return x_BxTxI @ getattr(module, name)[...]
+
+
 def rms_norm(x_BxTxE: jax.Array, weight_E: jax.Array, eps: float) -> jax.Array:
   x32 = x_BxTxE.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -54,9 +64,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl):
     c = self.c
     B, T, _ = x_BxTxE.shape
-    q = x_BxTxE @ self.q_ExHD[...]
-    k = x_BxTxE @ self.k_ExKD[...]
-    v = x_BxTxE @ self.v_ExKD[...]
+    q = linear(self, "q_ExHD", x_BxTxE)
+    k = linear(self, "k_ExKD", x_BxTxE)
+    v = linear(self, "v_ExKD", x_BxTxE)
     if c.qkv_bias:
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     q_BxTxHxD = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
@@ -65,7 +75,7 @@ class Attention(nnx.Module):
     k_cache = write_scratch(k_cache, k_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
     v_cache = write_scratch(v_cache, v_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
     o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, impl=attn_impl)
-    out = o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim) @ self.o_HDxE[...]
+    out = linear(self, "o_HDxE", o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim))
     return out, k_cache, v_cache
 
 
@@ -77,8 +87,8 @@ class Mlp(nnx.Module):
     self.down_FxE = _param(rngs, (F, E), ("mlp", "embed"), dtype)
 
   def __call__(self, x_BxTxE):
-    h = jax.nn.silu(x_BxTxE @ self.gate_ExF[...]) * (x_BxTxE @ self.up_ExF[...])
-    return h @ self.down_FxE[...]
+    h = jax.nn.silu(linear(self, "gate_ExF", x_BxTxE)) * linear(self, "up_ExF", x_BxTxE)
+    return linear(self, "down_FxE", h)
 
 
 class Block(nnx.Module):
