@@ -100,27 +100,27 @@ def main(argv=None) -> int:
   from jaxspec import sharding
   prompts = load_prompts(args.data, args.batch)
   meshes = [sharding.make_mesh(**sharding.parse_mesh(m)) for m in args.meshes]  # validate first
-  rows = [run_one(args, prompts, None)]
-  ref = rows[0]["token_ids"]
-  for mesh in meshes:
-    rows.append(run_one(args, prompts, mesh, ref))
   print(f"{args.model}, {args.method}, batch {args.batch}, {args.max_new_tokens} new tokens, "
         f"{jax.device_count()} simulated {jax.default_backend()} devices")
   print(f"{'mesh':>14} {'load s':>7} {'params/dev MB':>13} {'compile s':>9} {'prefill s':>9} "
-        f"{'step ms':>8} {'tok/s':>7} {'equal':>6}")
-  for r in rows:
+        f"{'step ms':>8} {'tok/s':>7} {'equal':>6}", flush=True)
+  args.out.parent.mkdir(parents=True, exist_ok=True)
+  rows, ref = [], None
+  for mesh in [None] + meshes:  # the JSON is rewritten after every row: a killed run keeps its rows
+    r = run_one(args, prompts, mesh, ref)
+    ref = ref if ref is not None else r["token_ids"]
+    rows.append(r)
     print(f"{r['mesh']:>14} {r['load_s']:>7} {r['param_bytes_device0'] / 2**20:>13.1f} {r['compile_s']:>9} "
           f"{r['prefill_s']:>9} {r['decode_step_ms']:>8} {r['tokens_per_s']:>7} "
-          f"{'-' if r['equal_to_single_device'] is None else r['equal_to_single_device']!s:>6}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  result = {
-      "what": "decode step time per mesh shape on simulated CPU devices (correctness, not speed)",
-      "model": args.model, "method": args.method, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-      "devices": jax.device_count(), "backend": jax.default_backend(), "jax": jax.__version__,
-      "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "machine": platform.machine(),
-      "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows],
-  }
-  args.out.write_text(json.dumps(result, indent=1) + "\n")
+          f"{'-' if r['equal_to_single_device'] is None else r['equal_to_single_device']!s:>6}", flush=True)
+    result = {
+        "what": "decode step time per mesh shape on simulated CPU devices (correctness, not speed)",
+        "model": args.model, "method": args.method, "batch": args.batch, "max_new_tokens": args.max_new_tokens,
+        "devices": jax.device_count(), "backend": jax.default_backend(), "jax": jax.__version__,
+        "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "machine": platform.machine(),
+        "rows": [{k: v for k, v in r.items() if k != "token_ids"} for r in rows],
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
   print(f"wrote {args.out}")
   return 0 if all(r["equal_to_single_device"] in (None, True) for r in rows) else 1
 

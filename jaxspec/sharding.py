@@ -19,8 +19,9 @@ Sizes that do not divide their mesh axis are replicated, never padded:
   * a batch that does not divide the `data` axis is replicated over `data` (every data group
     decodes all rows: correct, no speedup). Pass a batch that is a multiple of the data axis.
 
-Mesh axes are `AxisType.Auto`: shardings are fixed at the boundaries (parameters, decode state,
-the jitted steps' in/out shardings) and XLA propagates them through the unannotated model.
+Mesh axes are `AxisType.Auto`: shardings are fixed at the boundaries (parameters and decode
+state committed to theirs, the jitted steps' out_shardings equal to the state's) and XLA
+propagates them through the unannotated model.
 Pallas attention kernels (custom calls XLA cannot partition) run under `shard_map` over the
 batch and kv-head axes.
 
