@@ -141,6 +141,13 @@ def memory_bandwidth(gib: float, threads: int, repeats: int = 5, model_bytes: in
   return res
 
 
+def write_json(path: Path, doc: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(doc, indent=1) + "\n")
+  tmp.replace(path)
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
   """Index of the first differing token (a length difference counts at the shorter length)."""
   for i, (x, y) in enumerate(zip(a, b)):
@@ -233,6 +240,20 @@ def main(argv=None) -> int:
     return {"new_tokens": n, "wall_s": wall, "prefill_s": prefill_s, "tok_s": n / wall,
             "decode_tok_s": (n - 1) / (wall - prefill_s) if n > 1 else float("nan"), "ids": new}
 
+  def meta():
+    return {
+        "benchmark": "ar_vs_hf", "model": args.model, "model_folder": str(folder),
+        "data": str(args.data), "num_prompts": len(prompts), "max_new_tokens": M, "threads": args.threads,
+        "cpus": cpus, "dtype": "float32", "repeats": args.repeats,
+        "param_bytes": jax_bytes, "hf_param_bytes": hf_bytes,
+        "versions": {"jax": jax.__version__, "jaxspec": getattr(jaxspec, "__version__", "0.1.0"),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "platform": platform.platform(), "processor": platform.processor(), "os_cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_backend": jax.default_backend(),
+        "load_avg_start": load_avg_start, "load_avg_now": os.getloadavg(),
+    }
+
   # Fresh process: the first jaxspec call compiles; it doubles as the warm-up.
   t0 = time.perf_counter()
   first = run_jax(prompts[0]["ids"])
@@ -273,6 +294,8 @@ def main(argv=None) -> int:
            "jax_vs_hf_first_divergence": first_divergence(j["ids"], h["ids"]),
            "pld_vs_hf_first_divergence": first_divergence(pl["ids"], h["ids"]) if pl else None}
     rows.append(row)
+    write_json(args.out, {**meta(), "partial": True, "memory_bandwidth": {"start": bw_start},
+                          "jaxspec_first_call": jax_first, "prompts": rows})  # survives a killed run
     print(f"[{i + 1}/{len(prompts)}] {p['category']:15s} P={len(ids):4d}  jaxspec {j['tok_s']:6.1f} tok/s  "
           f"hf {h['tok_s']:6.1f}" + (f"  hf_pld {pl['tok_s']:6.1f}" if pl else "")
           + ("" if row["jax_vs_hf_first_divergence"] is None else
@@ -330,16 +353,8 @@ def main(argv=None) -> int:
     print("greedy token ids: jaxspec == HF == HF prompt lookup on every prompt")
 
   doc = {
-      "benchmark": "ar_vs_hf", "model": args.model, "model_folder": str(folder),
-      "data": str(args.data), "num_prompts": len(rows), "max_new_tokens": M, "threads": args.threads,
-      "cpus": cpus, "dtype": "float32", "repeats": args.repeats,
-      "param_bytes": jax_bytes, "hf_param_bytes": hf_bytes,
-      "versions": {"jax": jax.__version__, "jaxspec": getattr(jaxspec, "__version__", "0.1.0"),
-                   "torch": torch.__version__, "transformers": transformers.__version__,
-                   "python": platform.python_version()},
-      "platform": platform.platform(), "processor": platform.processor(), "os_cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_backend": jax.default_backend(),
-      "load_avg_start": load_avg_start, "load_avg_end": os.getloadavg(),
+      **meta(), "partial": False,
+      "load_avg_end": os.getloadavg(),
       "memory_bandwidth": {"start": bw_start, "end": bw_end, "read_gbps": read_gbps},
       "weight_bound_tok_s": read_gbps * 1e9 / jax_bytes,
       "jaxspec_first_call": jax_first, "summary": summary,
@@ -349,8 +364,7 @@ def main(argv=None) -> int:
       "greedy_mismatches": mismatches,
       "prompts": rows,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(doc, indent=1) + "\n")
+  write_json(args.out, doc)
   print(f"wrote {args.out}")
   return 0
 

@@ -3,6 +3,7 @@ under sampling the AR distribution for several init strategies and with temperat
 top-p (chi-square against the exact distribution of the first 3 tokens of a small random
 model, vocab 16); a wrong acceptance rule fails the same test."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,7 +71,6 @@ def test_q_of_fresh_slots_is_the_init_distribution():
     P, S, steps = engine.plan_sizes([4], 8, m, 512)
     st = engine.init_state(b.config, [prompt], 8, m, None, S, steps, jnp.float32)
     st = st.replace(num_tokens=st.num_tokens + 1)
-    import jax
     model = type("M", (), {"config": b.config})()
     d = m.propose(model, st, SamplingConfig(1.0), jax.random.key(0))
     toks, q = np.asarray(d.tokens[0]), np.asarray(d.q_probs[0])
