@@ -11,6 +11,9 @@ applied, the same token ids fed to every engine), greedy, fp32, `--threads` CPU 
             caused by a new prompt-length bucket are reported per prompt).
   hf        `model.generate(do_sample=False, max_new_tokens=M)`, wall clock, after a warm-up.
   hf_pld    the same with `prompt_lookup_num_tokens=10` (transformers' prompt lookup decoding).
+  --jax-methods SPECS   extra jaxspec methods on the same prompts (e.g. 'pld', or
+            'draft:drafter=qwen2.5-coder-0.5b-instruct,k=4' with --model qwen2.5-coder-1.5b-instruct)
+  --assistant NAME      HF assisted generation (`assistant_model=`) with that draft model
 
 The engines run interleaved per prompt (jaxspec, hf, hf_pld for prompt 1, then prompt 2, ...)
 so that load from other processes on a shared machine hits all of them alike; `--repeats R`
@@ -31,6 +34,10 @@ Run from the repo root (torch is needed only by this script and the goldens):
     pip install torch==2.13.0
     python experiments/bench_ar_vs_hf.py                                  # 10 prompts x 128 tokens (~10 min)
     python experiments/bench_ar_vs_hf.py --num-prompts 3 --max-new-tokens 32   # quick check
+    python experiments/bench_ar_vs_hf.py --jax-methods pld --out experiments/results/pld_vs_hf.json
+    python experiments/bench_ar_vs_hf.py --model qwen2.5-coder-1.5b-instruct --num-prompts 4 \
+        --max-new-tokens 64 --assistant qwen2.5-coder-0.5b-instruct --prompt-lookup-tokens 0 \
+        --jax-methods 'draft:drafter=qwen2.5-coder-0.5b-instruct,k=4' --out experiments/results/draft_pair_vs_hf.json
 
 Writes a table to stdout and JSON to experiments/results/ar_vs_hf.json.
 """
@@ -64,6 +71,11 @@ def parse_args(argv=None):
   ap.add_argument("--max-new-tokens", type=int, default=128)
   ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch) / cores the process is pinned to")
   ap.add_argument("--prompt-lookup-tokens", type=int, default=10, help="0 skips the HF prompt lookup run")
+  ap.add_argument("--jax-methods", default="",
+                  help="extra jaxspec methods run on the same prompts, ';'-separated specs as in jaxspec bench, "
+                       "e.g. 'pld;draft:drafter=qwen2.5-coder-0.5b-instruct,k=4'")
+  ap.add_argument("--assistant", default="",
+                  help="also run HF assisted generation with this draft model (registered name or HF folder)")
   ap.add_argument("--repeats", type=int, default=1,
                   help="runs per prompt and engine, fastest kept (use >1 on a machine shared with other work)")
   ap.add_argument("--settle-s", type=float, default=0.5,
@@ -106,7 +118,9 @@ def memory_bandwidth(gib: float, threads: int, repeats: int = 5, model_bytes: in
   With `model_bytes`, also matrix-vector over a weight-sized array (not used for the bound)."""
   import numpy as np
 
-  a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+  # Random contents: constant arrays read faster here (28 vs 34 GB/s for the same gemv; pages of
+  # identical contents may be merged by the host), which would inflate the bound.
+  a = np.random.default_rng(0).random(int(gib * (1 << 30)) // 4, dtype=np.float32)
   a_RxC = a.reshape(-1, 4096)
   x_C = np.ones(4096, np.float32)
 
@@ -136,7 +150,7 @@ def memory_bandwidth(gib: float, threads: int, repeats: int = 5, model_bytes: in
   res["read_gbps"] = max(v for k, v in res.items() if k.endswith("gbps") and not k.startswith("copy"))
   del a_RxC, a, b
   if model_bytes:  # informational: a weight-sized stream may partly hit a large L3 between passes
-    m_RxC = np.ones((model_bytes // 4 // 4096, 4096), np.float32)
+    m_RxC = np.random.default_rng(1).random((model_bytes // 4 // 4096, 4096), dtype=np.float32)
     res["gemv_model_size_gbps"] = m_RxC.nbytes / 1e9 / best(lambda: m_RxC @ x_C)
   return res
 
@@ -197,6 +211,12 @@ def main(argv=None) -> int:
   folder = Path(resolve_model_path(args.model, progress=False))
   tok = bundle.tokenizer
   hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+  assistant = None
+  if args.assistant:
+    assistant = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(args.assistant, progress=False)),
+                                                     dtype=torch.float32).eval()
+  from jaxspec.bench import parse_method_spec
+  jax_methods = [parse_method_spec(m) for m in args.jax_methods.split(";") if m.strip()]
   eos_ids = set(bundle.eos_ids)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
 
@@ -209,8 +229,8 @@ def main(argv=None) -> int:
   hf_bytes = sum(t.numel() * t.element_size() for t in hf.parameters())  # tied weights counted once
   M = args.max_new_tokens
 
-  def run_jax(ids):
-    r = jaxspec.generate(bundle, [ids], max_new_tokens=M)
+  def run_jax(ids, method="ar", **options):
+    r = jaxspec.generate(bundle, [ids], method=method, max_new_tokens=M, method_options=options or None)
     s = r.stats
     toks = list(r.token_ids[0])
     n = s.new_tokens[0]
@@ -218,7 +238,7 @@ def main(argv=None) -> int:
       toks.append(min(eos_ids))
     return {"new_tokens": n, "wall_s": s.wall_s, "prefill_s": s.prefill_s, "compile_s": s.compile_s,
             "tok_s": n / s.wall_s, "decode_tok_s": (n - 1) / (s.wall_s - s.prefill_s) if n > 1 else float("nan"),
-            "ids": toks}
+            "mat": s.tokens_per_forward, "ids": toks}
 
   def hf_generate(ids, max_new, **kw):
     x = torch.tensor([ids], dtype=torch.long)
@@ -267,6 +287,10 @@ def main(argv=None) -> int:
   hf_generate(prompts[0]["ids"], M)  # warm-ups
   if args.prompt_lookup_tokens:
     hf_generate(prompts[0]["ids"], M, prompt_lookup_num_tokens=args.prompt_lookup_tokens)
+  if assistant is not None:
+    hf_generate(prompts[0]["ids"], M, assistant_model=assistant)
+  for name, opts, label in jax_methods:  # compile each method before timing
+    jax_first[f"compile_s:{label}"] = run_jax(prompts[0]["ids"], name, **opts)["compile_s"]
 
   def fastest(fn, *a, **kw):
     best, all_tok_s = None, []
@@ -293,19 +317,26 @@ def main(argv=None) -> int:
            "jaxspec": j, "hf": h, "hf_pld": pl,
            "jax_vs_hf_first_divergence": first_divergence(j["ids"], h["ids"]),
            "pld_vs_hf_first_divergence": first_divergence(pl["ids"], h["ids"]) if pl else None}
+    if assistant is not None:
+      row["hf_assisted"] = fastest(run_hf, ids, hf_prefill, assistant_model=assistant)
+    for name, opts, label in jax_methods:
+      row[f"jaxspec:{label}"] = fastest(run_jax, ids, name, **opts)
+    row["divergence_vs_hf"] = {e: first_divergence(row[e]["ids"], h["ids"]) for e in row
+                               if isinstance(row[e], dict) and "ids" in row[e]}
     rows.append(row)
     write_json(args.out, {**meta(), "partial": True, "memory_bandwidth": {"start": bw_start},
                           "jaxspec_first_call": jax_first, "prompts": rows})  # survives a killed run
     print(f"[{i + 1}/{len(prompts)}] {p['category']:15s} P={len(ids):4d}  jaxspec {j['tok_s']:6.1f} tok/s  "
           f"hf {h['tok_s']:6.1f}" + (f"  hf_pld {pl['tok_s']:6.1f}" if pl else "")
-          + ("" if row["jax_vs_hf_first_divergence"] is None else
-             f"  MISMATCH at {row['jax_vs_hf_first_divergence']}"), flush=True)
+          + "".join(f"  {e} {row[e]['tok_s']:6.1f}" for e in row if e.startswith(("jaxspec:", "hf_assisted")))
+          + "".join(f"  MISMATCH {e} at {d}" for e, d in row["divergence_vs_hf"].items() if d is not None), flush=True)
 
   bw_end = memory_bandwidth(args.bw_gib, args.threads, model_bytes=jax_bytes)
   if os.getloadavg()[0] > len(cpus):
     print(f"WARNING: load average {os.getloadavg()[0]:.1f} on {len(cpus)} cores at the end of the run", file=sys.stderr)
   read_gbps = max(bw_start["read_gbps"], bw_end["read_gbps"])
-  engines = ["jaxspec", "hf"] + (["hf_pld"] if args.prompt_lookup_tokens else [])
+  engines = (["jaxspec"] + [f"jaxspec:{label}" for _, _, label in jax_methods] + ["hf"]
+             + (["hf_pld"] if args.prompt_lookup_tokens else []) + (["hf_assisted"] if assistant is not None else []))
   summary = {}
   for e in engines:
     tok_s = median([r[e]["tok_s"] for r in rows])
@@ -317,8 +348,11 @@ def main(argv=None) -> int:
                   "decode_fraction_of_bound": jax_bytes * dec / 1e9 / read_gbps}
   ratio = summary["jaxspec"]["median_tok_s"] / summary["hf"]["median_tok_s"]
   ratio_per_prompt = median([r["jaxspec"]["tok_s"] / r["hf"]["tok_s"] for r in rows])
-  mismatches = [{"question_id": r["question_id"], "engine": k, "first_divergence": r[f"{k}_vs_hf_first_divergence"]}
-                for r in rows for k in ("jax", "pld") if r[f"{k}_vs_hf_first_divergence"] is not None]
+  mismatches = [{"question_id": r["question_id"], "engine": e, "first_divergence": d}
+                for r in rows for e, d in r["divergence_vs_hf"].items() if d is not None]
+  for e in engines:
+    if e.startswith("jaxspec:"):
+      summary[e]["median_mat"] = median([r[e]["mat"] for r in rows])
 
   # ---- table
   print()
@@ -333,10 +367,10 @@ def main(argv=None) -> int:
     print(f"{r['question_id']:>5} {r['category'][:15]:15s} {r['prompt_tokens']:4d} {r['jaxspec']['new_tokens']:4d} "
           + " ".join(f"{r[e]['tok_s']:14.1f}" for e in engines))
   print("-" * len(hdr))
-  print(f"{'engine':10s} {'tok/s':>7s} {'decode tok/s':>13s} {'prefill ms':>11s} {'weight GB/s':>12s} {'of bound':>9s}")
+  print(f"{'engine':24s} {'tok/s':>7s} {'decode tok/s':>13s} {'prefill ms':>11s} {'weight GB/s':>12s} {'of bound':>9s}")
   for e in engines:
     s = summary[e]
-    print(f"{e:10s} {s['median_tok_s']:7.1f} {s['median_decode_tok_s']:13.1f} {s['median_prefill_ms']:11.1f} "
+    print(f"{e[:24]:24s} {s['median_tok_s']:7.1f} {s['median_decode_tok_s']:13.1f} {s['median_prefill_ms']:11.1f} "
           f"{s['weight_gbps']:12.2f} {s['fraction_of_bound']:9.1%}")
   if any(summary[e]["fraction_of_bound"] > 1 for e in engines):
     print("note: above 100% means the probe under-read the bandwidth (other work on the machine) or part of "
@@ -346,11 +380,19 @@ def main(argv=None) -> int:
     print(f"jaxspec/HF prompt lookup {summary['jaxspec']['median_tok_s'] / summary['hf_pld']['median_tok_s']:.2f}x")
   print(f"jaxspec fresh process: compile {jax_first['compile_s']:.2f}s, "
         f"TTFT incl. compile {jax_first['ttft_incl_compile_s']:.2f}s")
+  for e in engines:
+    if e.startswith("jaxspec:"):
+      for ref in ("jaxspec", "hf", "hf_pld", "hf_assisted"):
+        if ref in summary:
+          print(f"{e} / {ref}: {summary[e]['median_tok_s'] / summary[ref]['median_tok_s']:.2f}x"
+                + (f" (MAT {summary[e]['median_mat']:.2f})" if ref == "jaxspec" else ""))
+  if "hf_assisted" in summary:
+    print(f"HF assisted / HF: {summary['hf_assisted']['median_tok_s'] / summary['hf']['median_tok_s']:.2f}x")
   if mismatches:
     for m in mismatches:
       print(f"GREEDY MISMATCH vs HF: {m['engine']} question {m['question_id']} first diverges at token {m['first_divergence']}")
   else:
-    print("greedy token ids: jaxspec == HF == HF prompt lookup on every prompt")
+    print("greedy token ids: every engine == HF greedy on every prompt")
 
   doc = {
       **meta(), "partial": False,

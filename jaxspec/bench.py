@@ -94,6 +94,10 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   results = OrderedDict()
   for name, opts, label in specs:
     t0 = time.perf_counter()
+    # Every configuration starts from the same learned state (e.g. Token Recycling's adjacency
+    # matrix): empty, then warmed by the one untimed call. Otherwise later configurations of a
+    # method would inherit what earlier ones learned and the comparison would depend on order.
+    jaxspec.reset_method_memory(bundle, name)
     warm = jaxspec.generate(bundle, [prompts[0]["prompt"]], method=name, method_options=opts, **kw)
     compile_s = warm.stats.compile_s
     runs = []

@@ -35,6 +35,9 @@ class ToyTokenizer:
   def encode(self, text, add_special_tokens=True):
     return [int(t) for t in text.split()]
 
+  def get_vocab(self):
+    return {str(i): i for i in range(4096)}
+
 
 def make_tiny_bundle(seed=0, vocab=64, layers=2, heads=4, kv_heads=2, head_dim=8, embed=32, qkv_bias=False,
                      tie=False, eos=(1,)):

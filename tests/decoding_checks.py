@@ -69,12 +69,12 @@ VOCAB = 16
 N_TOKENS = 3
 
 
-def peaked_tiny_bundle(seed=0, vocab=VOCAB):
+def peaked_tiny_bundle(seed=0, vocab=VOCAB, scale=30.0):
   """A random small model (no EOS) whose next-token distributions are far from uniform."""
   b = make_tiny_bundle(seed=seed, vocab=vocab, layers=2, eos=())
   b.tokenizer.eos_token_id = None
-  b.params["embed_VxE"].set_value(b.params["embed_VxE"][...] * 30.0)
-  b.params["lm_head_ExV"].set_value(b.params["lm_head_ExV"][...] * 30.0)
+  b.params["embed_VxE"].set_value(b.params["embed_VxE"][...] * scale)
+  b.params["lm_head_ExV"].set_value(b.params["lm_head_ExV"][...] * scale)
   return b
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxspec import verify as verify_mod
 from jaxspec.sampling import SamplingConfig
-from stat_utils import exact_distribution, gof_pvalue, peaky_tiny_bundle, sample_counts
+from decoding_checks import exact_distribution, gof_pvalue, peaked_tiny_bundle, sample_counts
 
 SAMPLING = SamplingConfig(temperature=0.8, top_k=6)
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats give prompt lookup drafts
@@ -15,7 +15,7 @@ PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats give prompt lookup drafts
 
 @pytest.fixture(scope="module")
 def setup():
-  b = peaky_tiny_bundle()
+  b = peaked_tiny_bundle(vocab=8, scale=40.0)
   return b, exact_distribution(b, PROMPT, SAMPLING)
 
 
@@ -29,7 +29,7 @@ def setup():
 ])
 def test_sampling_matches_ar_distribution(setup, method, opts):
   b, P = setup
-  counts = sample_counts(b, PROMPT, SAMPLING, method, opts)
+  counts, _ = sample_counts(b, PROMPT, SAMPLING, method, opts)
   assert gof_pvalue(counts, P) > 1e-3
 
 
@@ -43,7 +43,7 @@ def test_wrong_rule_is_detected(setup, monkeypatch):
   engine.COMPILED._store.clear()
   jax.clear_caches()  # retrace with the wrong rule
   try:
-    counts = sample_counts(b, PROMPT, SAMPLING, "pld", dict(k=3, max_ngram=2))
+    counts, _ = sample_counts(b, PROMPT, SAMPLING, "pld", dict(k=3, max_ngram=2))
   finally:
     engine.COMPILED._store.clear()
     jax.clear_caches()

@@ -95,6 +95,7 @@ class DraftModelSpeculation(SpeculativeMethod):
       if layer >= L:
         raise InvalidOptionError(f"exit_layer {layer} must be < the target's {L} layers")
       return dataclasses.replace(self, exit_layer=layer)
+    self.aux_bundle(bundle)  # load (once) and check the drafter before any state is built
     return self
 
   def aux_bundle(self, bundle):
