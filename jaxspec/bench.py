@@ -82,6 +82,7 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
               top_p: float = 1.0, top_k: int = 0, seed: int = 0, dtype=None, forward_curve=(),
               out: str | None = None, plot: str | None = None, mesh=None, progress: bool = True) -> dict:
   import jaxspec
+  from jaxspec.api import reset_method_memory
 
   bundle = jaxspec.load_model(model, dtype=dtype, progress=progress)
   prompts = load_prompts(prompts_path, categories, per_category)
@@ -97,7 +98,7 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
     # Every configuration starts from the same learned state (e.g. Token Recycling's adjacency
     # matrix): empty, then warmed by the one untimed call. Otherwise later configurations of a
     # method would inherit what earlier ones learned and the comparison would depend on order.
-    jaxspec.reset_method_memory(bundle, name)
+    reset_method_memory(bundle, name)
     warm = jaxspec.generate(bundle, [prompts[0]["prompt"]], method=name, method_options=opts, **kw)
     compile_s = warm.stats.compile_s
     runs = []
