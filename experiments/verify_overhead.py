@@ -5,6 +5,8 @@ one drafted token: T=2, whatever the lookup finds) over the same prompt; the dec
 (prefill excluded, compile excluded) is compared. `--methods` adds other specs.
 
     python experiments/verify_overhead.py [--num-prompts 6] [--max-new-tokens 96] [--rounds 3]
+    python experiments/verify_overhead.py --categories rag,summarization --per-category 3 \
+        --out experiments/results/verify_overhead_long.json          # long prompts
 
 Writes experiments/results/verify_overhead.json.
 """
@@ -29,13 +31,14 @@ def main():
   ap.add_argument("--prompts", default=str(REPO.parent / "shared" / "data" / "spec_bench_dev.jsonl"))
   ap.add_argument("--categories", default="writing,qa,math,coding,translation,stem")
   ap.add_argument("--num-prompts", type=int, default=6)
+  ap.add_argument("--per-category", type=int, default=1)
   ap.add_argument("--max-new-tokens", type=int, default=96)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--methods", default="pld:k=1")
   ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "verify_overhead.json"))
   a = ap.parse_args()
   bundle = jaxspec.load_model(a.model, progress=False)
-  prompts = load_prompts(a.prompts, a.categories.split(","), per_category=1)[: a.num_prompts]
+  prompts = load_prompts(a.prompts, a.categories.split(","), per_category=a.per_category)[: a.num_prompts]
   specs = [("ar", {}, "ar")] + [parse_method_spec(m) for m in a.methods.split(";")]
   per_step = {label: [] for _, _, label in specs}
   for name, opts, _ in specs:  # compile everything first
@@ -47,7 +50,7 @@ def main():
                              max_new_tokens=a.max_new_tokens).stats
         per_step[label].append((s.wall_s - s.prefill_s) / max(s.steps, 1))
   ar = per_step["ar"]
-  report = {"model": a.model, "prompts": len(prompts), "rounds": a.rounds, "load_avg": os.getloadavg(),
+  report = {"model": a.model, "categories": a.categories, "prompts": len(prompts), "rounds": a.rounds, "load_avg": os.getloadavg(),
             "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in per_step.items()},
             "ratio_to_ar": {k: statistics.median([x / y for x, y in zip(v, ar)]) for k, v in per_step.items()}}
   for k in per_step:
