@@ -260,9 +260,11 @@ def test_two_process_cli_matches_single_process(tmp_path):
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  ours = lambda text: "".join(l for l in text.splitlines(True) if not l.startswith("[Gloo]"))  # gloo's own log
-  assert ours(outs[0][0]) == ref_out and "--- [1]" in ref_out
-  assert ours(outs[1][0]) == ""  # only process 0 prints
+  # Gloo writes its own connection log to stdout from C++ threads, sometimes mid-line, before the
+  # first collective: compare from the first generation header on.
+  ours = lambda text: text[text.index("--- [0]\n"):] if "--- [0]\n" in text else text
+  assert "--- [1]" in ref_out and ours(outs[0][0]) == ref_out
+  assert "--- [" not in outs[1][0]  # only process 0 prints
 
 
 # ---------------------------------------------------------------------------------------------
