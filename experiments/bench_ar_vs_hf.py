@@ -215,7 +215,7 @@ def main(argv=None) -> int:
   if args.assistant:
     assistant = AutoModelForCausalLM.from_pretrained(str(resolve_model_path(args.assistant, progress=False)),
                                                      dtype=torch.float32).eval()
-  from jaxspec.bench import parse_method_spec
+  from jaxspec.methods import parse_method_spec
   jax_methods = [parse_method_spec(m) for m in args.jax_methods.split(";") if m.strip()]
   eos_ids = set(bundle.eos_ids)
   pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)

@@ -20,7 +20,8 @@ import statistics
 from pathlib import Path
 
 import jaxspec
-from jaxspec.bench import load_prompts, parse_method_spec
+from jaxspec.bench import load_prompts
+from jaxspec.methods import parse_method_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

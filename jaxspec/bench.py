@@ -11,7 +11,6 @@ device's forward-time curve (seconds per forward vs tokens in the forward).
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import platform
@@ -24,21 +23,7 @@ import jax
 import numpy as np
 
 from jaxspec.errors import InvalidOptionError
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict, str]:
-  """"recycling:template=small,k=8" -> ("recycling", {"template": "small", "k": 8}, label)."""
-  name, _, rest = spec.partition(":")
-  opts = {}
-  for item in filter(None, rest.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise InvalidOptionError(f"bad method option {item!r} in {spec!r}; use name:key=value,key=value")
-    try:
-      opts[key.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      opts[key.strip()] = value.strip()
-  return name.strip(), opts, spec
+from jaxspec.methods import get_method, parse_method_list, parse_method_spec
 
 
 def load_prompts(path: str | os.PathLike, categories=None, per_category: int = 2) -> list[dict]:
@@ -92,6 +77,8 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   import jaxspec
   from jaxspec.api import reset_method_memory
 
+  if plot:
+    require_matplotlib()  # before the work, not after it
   bundle = jaxspec.load_model(model, dtype=dtype, progress=progress)
   prompts = load_prompts(prompts_path, categories, per_category)
   measured = {p["id"] for p in prompts}
@@ -189,6 +176,15 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
+def require_matplotlib() -> None:
+  """Raise a one-line error with the install command when the optional plot dependency is missing."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError as e:
+    raise InvalidOptionError("--plot needs matplotlib: pip install 'jaxspec[bench]' (or pip install matplotlib), "
+                             "or drop --plot") from e
+
+
 def plot_report(report: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -220,8 +216,9 @@ def plot_report(report: dict, path: str) -> None:
 def add_bench_parser(sub) -> None:
   p = sub.add_parser("bench", help="benchmark decoding methods against AR on a prompt file")
   p.add_argument("--model", default="smollm2-135m-instruct")
-  p.add_argument("--methods", default="ar,pld,recycling",
-                 help="comma-free list separated by ';' or spaces, e.g. 'pld;recycling:template=small'")
+  p.add_argument("--methods", default="ar pld recycling",
+                 help="methods separated by spaces, ';' or ',', each name[:key=value,...], "
+                      "e.g. 'ar pld:k=3 recycling:template=small,k=8'")
   p.add_argument("--prompts", required=True, help="Spec-Bench JSONL (question_id, category, turns)")
   p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
   p.add_argument("--per-category", type=int, default=2)
@@ -240,10 +237,14 @@ def add_bench_parser(sub) -> None:
 
 
 def _bench_cmd(args) -> int:
-  methods = [m for chunk in args.methods.split(";") for m in chunk.split()]
+  methods = parse_method_list(args.methods)
+  for name, opts, _ in methods:  # fail on a bad method before loading the model
+    get_method(name, **opts)
+  if args.plot:
+    require_matplotlib()
   cats = args.categories.split(",") if args.categories else None
   curve = [int(x) for x in args.forward_curve.split(",") if x]
   run_bench(args.model, methods, args.prompts, cats, args.per_category, args.max_new_tokens, args.temperature,
             args.top_p, args.top_k, args.seed, args.dtype, curve, args.out, args.plot,
-            mesh=getattr(args, "mesh_obj", None), warm_per_category=args.warm_per_category)
+            warm_per_category=args.warm_per_category)
   return 0

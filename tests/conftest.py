@@ -13,7 +13,8 @@ from flax import nnx  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-DEV_PROMPTS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench_dev.jsonl")
+# 39 Spec-Bench prompts, 3 per category, shipped with the tests (source and license: data/README.md).
+DEV_PROMPTS = os.path.join(os.path.dirname(__file__), "data", "spec_bench_mini.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +66,7 @@ def tiny():
 
 
 def dev_prompts(n, categories=None):
-  """First n dev prompts (first turn), round-robin across categories for a mix."""
+  """First n test prompts (first turn), round-robin across categories for a mix."""
   import json
   rows = [json.loads(l) for l in open(DEV_PROMPTS)]
   by_cat = {}

