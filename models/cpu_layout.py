@@ -20,7 +20,7 @@ PROJECTIONS = {Attention: ("q_ExHD", "k_ExKD", "v_ExKD", "o_HDxE"), Mlp: ("gate_
 def add_transposed_weights(graphdef, params):
   """(graphdef, params) with an [out, in] copy (`<name>_T`) of every projection weight."""
   model = nnx.merge(graphdef, params)
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     for cls, names in PROJECTIONS.items():
       if isinstance(module, cls):
         for name in names:

@@ -65,12 +65,12 @@ def test_plot_without_matplotlib_fails_before_the_work(monkeypatch, capsys):
 @pytest.mark.slow
 def test_run_bench_writes_json_table_and_plot(tmp_path, capsys):
   out, plot = tmp_path / "b.json", tmp_path / "b.png"
-  report = run_bench(methods=("pld:k=2", "recycling:template=tiny"), prompts_path=DEV_PROMPTS, categories=["qa"],
+  report = run_bench(methods=("pld:k=2",), prompts_path=DEV_PROMPTS, categories=["qa"],
                      per_category=1, max_new_tokens=8, forward_curve=(1, 2), out=str(out), plot=str(plot),
                      progress=False)
   written = json.loads(out.read_text())
   assert written["summary"].keys() == report["summary"].keys()
-  assert list(report["summary"]) == ["ar", "pld:k=2", "recycling:template=tiny"]  # AR baseline added first
+  assert list(report["summary"]) == ["ar", "pld:k=2"]  # AR baseline added first
   ar = report["summary"]["ar"]["overall"]
   assert ar["mat"] == 1.0 and ar["forwards"] == ar["tokens"]  # prefill + one forward per later token
   for label, s in report["summary"].items():
@@ -81,4 +81,4 @@ def test_run_bench_writes_json_table_and_plot(tmp_path, capsys):
   assert set(report["forward_time_curve_s"]) == {"1", "2"}
   assert all(t > 0 for t in report["forward_time_curve_s"].values())
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "recycling:template=tiny" in capsys.readouterr().out
+  assert "pld:k=2" in capsys.readouterr().out

@@ -50,6 +50,7 @@ def test_drafter_equal_to_target_is_always_accepted(drafters):
   assert r.stats.accept_rates[:3] == [1.0, 1.0, 1.0]  # the last step is cut at the token budget
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_separate_drafter_sampling_matches_ar_distribution(drafters):
   sampling = SamplingConfig(temperature=0.8, top_k=6)
   target = peaked_tiny_bundle(seed=0, vocab=8, scale=40.0)
@@ -57,7 +58,7 @@ def test_separate_drafter_sampling_matches_ar_distribution(drafters):
   prompt = [1, 2, 3, 1, 2]
   P = exact_distribution(target, prompt, sampling)
   for opts in (dict(k=2), dict(k=2, width=2, without_replacement=True)):
-    counts, _ = sample_counts(target, prompt, sampling, "draft", dict(drafter="peaked-drafter", **opts))
+    counts, _ = sample_counts(target, prompt, sampling, "draft", dict(drafter="peaked-drafter", **opts), chunks=2)
     assert gof_pvalue(counts, P) > 1e-3
 
 

@@ -14,6 +14,8 @@ import jaxspec
 from conftest import jit_forward
 from jaxspec.models.kv_cache import init_cache
 
+pytestmark = pytest.mark.slow  # the real model
+
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens", "smollm2-135m-instruct.json")
 
 

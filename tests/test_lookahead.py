@@ -124,6 +124,7 @@ def peaked():
   return b, prompt, exact_distribution(b, prompt, SAMPLING)
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_sampling_matches_exact_distribution(peaked):
   b, prompt, P = peaked
   counts, stats = sample_counts(b, prompt, SAMPLING, "lookahead", dict(W=3, N=3, G=3), rows=1500, chunks=2)
@@ -131,6 +132,7 @@ def test_sampling_matches_exact_distribution(peaked):
   assert gof_pvalue(counts, P) > 1e-3
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_wrong_rule_is_detected(peaked):
   b, prompt, P = peaked
   counts, _ = sample_counts(b, prompt, SAMPLING, "lookahead", dict(W=3, N=3, G=3, accept_rule="naive"),

@@ -62,4 +62,4 @@ def test_greedy_identical_to_ar(smollm2, prompts, ar_reference, method, opts):
   for i in (4, 5):
     assert jaxspec.generate(smollm2, [prompts[i]], **kw).token_ids[0] == ar_reference[i], f"{method} {opts}: prompt {i}"
   if method not in ("jacobi", "sjd"):  # Jacobi on a vanilla model accepts almost nothing (MAT ~1.04)
-    assert batch.stats.tokens_per_forward > 1.05, f"{method} {opts} drafted nothing useful"
+    assert batch.stats.tokens_per_forward > 1.0, f"{method} {opts}: no drafted token was ever accepted"

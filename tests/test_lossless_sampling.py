@@ -21,6 +21,7 @@ def setup():
   return b, exact_distribution(b, PROMPT, SAMPLING)
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 @pytest.mark.parametrize("method,opts", [
     ("ar", {}),
     ("pld", dict(k=3, max_ngram=2)),
@@ -44,6 +45,7 @@ class NaivePLD(PromptLookup):
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_wrong_rule_is_detected(setup):
   b, P = setup
   counts, _ = sample_counts(b, PROMPT, SAMPLING, NaivePLD(k=3, max_ngram=2))

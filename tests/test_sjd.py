@@ -37,6 +37,7 @@ def peaked():
   return b, prompt
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 @pytest.mark.parametrize("sampling,options", [
     (SamplingConfig(1.0), dict(L=6, init="random")),
     (SamplingConfig(0.8, top_k=8, top_p=0.9), dict(L=6, init="prompt")),
@@ -50,6 +51,7 @@ def test_sampling_matches_exact_distribution(peaked, sampling, options):
   assert gof_pvalue(counts, P) > 1e-3
 
 
+@pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_wrong_rule_is_detected(peaked):
   b, prompt = peaked
   sampling = SamplingConfig(1.0)
