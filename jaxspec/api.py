@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Iterator, Sequence
 
@@ -100,6 +101,17 @@ def _row_outputs(state, eos_ids) -> list[list[int]]:
   return rows
 
 
+def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+  """Length of the longest end of `text` that begins a stop string: held back while streaming."""
+  best = 0
+  for s in stop:
+    for k in range(min(len(s) - 1, len(text)), best, -1):
+      if text.endswith(s[:k]):
+        best = k
+        break
+  return best
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
   cuts = [text.find(s) for s in stop if s and s in text]
   return (text[: min(cuts)], True) if cuts else (text, False)
@@ -144,10 +156,10 @@ def _finish_method(bundle, m, state):
   if memory_key:
     bundle.method_memory[memory_key] = state.method_state
   if hasattr(m, "observe"):
-    committed = sharding.to_host(state.committed)[: int(state.step)]
-    active = committed[committed > 0]
-    if active.size:
-      m.observe(bundle, float(active.mean() - 1.0), int(active.size))
+    hist = sharding.to_host(state.accept_hist)
+    active = int(hist.sum())
+    if active:
+      m.observe(bundle, float((np.arange(hist.size) * hist).sum() / active - 1.0), active)
 
 
 def reset_method_memory(bundle, method: str | None = None) -> None:
@@ -157,6 +169,46 @@ def reset_method_memory(bundle, method: str | None = None) -> None:
   else:
     key = getattr(get_method(method), "memory_key", None)
     bundle.method_memory.pop(key, None)
+
+
+@dataclasses.dataclass
+class _Call:
+  """One prepared generate/stream call: the resolved method, the initial state (on its mesh)
+  and the compiled prefill and decode loop. `generate` and `stream` differ only in how many
+  steps one loop call runs and in what they read back."""
+
+  bundle: ModelBundle
+  method: object
+  ids: list[list[int]]
+  params: object
+  state: object
+  aux_params: object
+  prefill: object
+  run: object
+  steps_per_call: jax.Array
+  compile_s: float
+
+  def run_prefill(self):
+    return self.prefill(self.params, self.state, self.aux_params)
+
+  def run_steps(self, state):
+    return self.run(self.params, state, self.steps_per_call, self.aux_params)
+
+
+def _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat, cache_len,
+             method_options, mesh, rules, attn_impl, steps_per_call: int | None) -> _Call:
+  """Prepare and compile (or reuse) prefill and loop; steps_per_call None = the whole budget."""
+  m, sampling, ids, P, state = _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k,
+                                        top_p, seed, chat, cache_len, method_options, mesh, rules)
+  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
+  static = dict(sampling=sampling, eos_ids=bundle.eos_ids, attn_impl=attn_impl, graphdef=bundle.graphdef)
+  aux_params, static = _aux(bundle, m, static)
+  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
+  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
+                                dict(static, prompt_len=P, method=_prefill_method(m)))
+  steps = jnp.asarray(steps_per_call or max(int(state.max_steps), 1), jnp.int32)
+  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps, aux_params), dict(static, method=m))
+  return _Call(bundle, m, ids, params, state, aux_params, pre, run, steps, c1 + c2)
 
 
 def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int = 128,
@@ -170,26 +222,17 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
   at max_new_tokens, or (text is cut there) at the first stop string. `mesh`/`rules`
   (jaxspec.sharding; default: the bundle's) decode sharded over a device mesh.
   """
-  m, sampling, ids, P, state = _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k,
-                                        top_p, seed, chat, cache_len, method_options, mesh, rules)
-  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
-  eos = bundle.eos_ids
-  static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
-  aux_params, static = _aux(bundle, m, static)
-  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
-  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
-                                dict(static, graphdef=bundle.graphdef, prompt_len=P, method=_prefill_method(m)))
-  chunk = STOP_CHECK_STEPS if stop else state.committed.shape[0]
-  steps_arg = jnp.asarray(chunk, jnp.int32)
+  call = _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat, cache_len,
+                  method_options, mesh, rules, attn_impl, STOP_CHECK_STEPS if stop else None)
+  m, eos = call.method, bundle.eos_ids
+  max_steps = int(call.state.max_steps)
   t0 = time.perf_counter()
-  state = jax.block_until_ready(pre(params, state, aux_params))
+  state = jax.block_until_ready(call.run_prefill())
   prefill_s = time.perf_counter() - t0
-  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps_arg, aux_params),
-                                dict(static, graphdef=bundle.graphdef, method=m))
   t1 = time.perf_counter()
-  stopped = [False] * len(ids)
+  stopped = [False] * len(call.ids)
   while True:
-    state = run(params, state, steps_arg, aux_params)
+    state = call.run_steps(state)
     done = sharding.to_host(state.done)
     if stop:
       rows = _row_outputs(state, eos)
@@ -199,7 +242,7 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
       if any(stopped) and not all(done | np.array(stopped)):
         state = state.replace(done=jnp.asarray(done | np.array(stopped)))
       done = done | np.array(stopped)
-    if done.all() or int(state.step) >= state.committed.shape[0]:
+    if done.all() or int(state.step) >= max_steps:
       break
   jax.block_until_ready(state)
   wall = prefill_s + time.perf_counter() - t1
@@ -209,46 +252,84 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
   for b, r in enumerate(rows):
     text = bundle.tokenizer.decode(r, skip_special_tokens=True)
     texts.append(_cut_at_stop(text, stop)[0] if stop else text)
-  committed = sharding.to_host(state.committed)[: int(state.step)]
-  hist = np.bincount(committed[committed > 0].ravel(), minlength=m.max_commit + 1).tolist()
   stats = GenerateStats(
       method=m.name, new_tokens=[len(r) + (1 if len(r) < int(g) else 0) for r, g in
                                  zip(rows, sharding.to_host(state.generated))],
-      forwards=(1 + (committed > 0).sum(axis=0)).tolist(), steps=int(state.step), wall_s=wall,
-      prefill_s=prefill_s, compile_s=c1 + c2, accept_hist=hist)
+      forwards=sharding.to_host(state.forwards).tolist(), steps=int(state.step), wall_s=wall,
+      prefill_s=prefill_s, compile_s=call.compile_s, accept_hist=sharding.to_host(state.accept_hist).tolist())
   return GenerateResult(texts=texts, token_ids=rows, stats=stats)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _row0_since(tokens_BxN, num_tokens_B, done_B, step, start, *, width: int):
+  """[3 + width] int32: row 0's committed count, done flag, the step, then `width` buffer tokens
+  from `start`: everything `stream` reads after a step, in one device-to-host transfer."""
+  new_W = jax.lax.dynamic_slice(tokens_BxN[0], (start,), (width,))
+  head = jnp.stack([num_tokens_B[0], done_B[0].astype(jnp.int32), step.astype(jnp.int32)])
+  return jnp.concatenate([head, new_W])
+
+
+class _TextTail:
+  """Incremental detokenization: each push decodes only a short window of the newest tokens
+  (the text of ids[prefix:] minus that of ids[prefix:read]), so a whole stream costs O(n), and a
+  trailing partial UTF-8 character is held back until its bytes are complete."""
+
+  def __init__(self, tokenizer):
+    self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+  def _decode(self, ids) -> str:
+    return self.tok.decode(ids, skip_special_tokens=True)
+
+  def push(self, new_ids, final: bool = False) -> str:
+    self.ids.extend(new_ids)
+    before = self._decode(self.ids[self.prefix:self.read])
+    text = self._decode(self.ids[self.prefix:])
+    if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+      return ""
+    self.prefix, self.read = self.read, len(self.ids)
+    return text[len(before):]
 
 
 def stream(bundle: ModelBundle, prompt, method="ar", *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed=0, stop: Sequence[str] | None = None,
            chat: bool | None = None, cache_len: int | None = None, attn_impl: str = "auto",
            method_options: dict | None = None, mesh=None, rules=None) -> Iterator[str]:
-  """Yield the text of one prompt piece by piece, driving the same compiled step as `generate`."""
-  m, sampling, ids, P, state = _prepare(bundle, [prompt] if isinstance(prompt, str) else prompt, method,
-                                        max_new_tokens, temperature, top_k, top_p, seed, chat,
-                                        cache_len, method_options, mesh, rules)
-  if len(ids) != 1:
+  """Yield the text of one prompt piece by piece, driving the same compiled step as `generate`
+  (one step per loop call). Per step: one small device-to-host read (the new tokens) and the
+  detokenization of a few tokens. The pieces join to `generate`'s text."""
+  call = _compile(bundle, [prompt] if isinstance(prompt, str) else prompt, method, max_new_tokens, temperature,
+                  top_k, top_p, seed, chat, cache_len, method_options, mesh, rules, attn_impl, 1)
+  if len(call.ids) != 1:
     raise InvalidOptionError("stream() takes a single prompt")
-  eos = bundle.eos_ids
-  static = dict(sampling=sampling, eos_ids=eos, attn_impl=attn_impl)
-  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
-  aux_params, static = _aux(bundle, m, static)
-  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
-  pre, _ = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
-                               dict(static, graphdef=bundle.graphdef, prompt_len=P, method=_prefill_method(m)))
-  state = pre(params, state, aux_params)
-  one = jnp.asarray(1, jnp.int32)
-  run, _ = engine.COMPILED.get(run_steps_jit, (params, state, one, aux_params),
-                               dict(static, graphdef=bundle.graphdef, method=m))
-  shown = ""
+  eos = set(bundle.eos_ids)
+  width = call.method.max_commit + 1  # the most tokens one step (or the prefill) adds
+  max_steps = int(call.state.max_steps)
+  read = len(call.ids[0])  # buffer index of the first token not yet read
+  tail, text, shown = _TextTail(bundle.tokenizer), "", 0
+  longest_stop = max((len(x) for x in stop or ()), default=0)
+  state = call.run_prefill()
   while True:
-    row = _row_outputs(state, eos)[0]
-    text = bundle.tokenizer.decode(row, skip_special_tokens=True)
-    text, hit = _cut_at_stop(text, stop) if stop else (text, False)
-    if not text.endswith("\ufffd") and len(text) > len(shown):  # hold back partial UTF-8
-      yield text[len(shown):]
-      shown = text
-    if hit or bool(sharding.to_host(state.done)[0]) or int(state.step) >= state.committed.shape[0]:
+    got = sharding.to_host(_row0_since(state.tokens, state.num_tokens, state.done, state.step,
+                                       jnp.asarray(read, jnp.int32), width=width))
+    num, done, step = int(got[0]), bool(got[1]), int(got[2])
+    new = got[3:3 + num - read].tolist()
+    read = num
+    if any(t in eos for t in new):
+      new, done = new[:[t in eos for t in new].index(True)], True
+    finished = done or step >= max_steps
+    before = len(text)
+    text += tail.push(new, final=finished)
+    visible = len(text)
+    if stop:
+      start = max(0, before - longest_stop + 1)  # a stop string ending in the new text starts here or later
+      cut, hit = _cut_at_stop(text[start:], stop)
+      if hit:
+        text, finished = text[:start] + cut, True
+      visible = len(text) if finished else len(text) - _stop_prefix_len(text, stop)
+    if visible > shown:
+      yield text[shown:visible]
+      shown = visible
+    if finished:
       break
-    state = run(params, state, one, aux_params)
-  _finish_method(bundle, m, state)
+    state = call.run_steps(state)
+  _finish_method(bundle, call.method, state)

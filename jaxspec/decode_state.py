@@ -11,22 +11,31 @@ from flax import struct
 from jaxspec.models.kv_cache import KVCache, advance
 
 
+def _axes(*logical):
+  """Field metadata: the logical axes of the array (jaxspec.sharding maps them to a mesh)."""
+  return struct.field(metadata={"axes": logical})
+
+
 @struct.dataclass
 class DecodeState:
   """Invariant: cache holds K/V for tokens[b, :num_tokens[b] - 1]; the last committed token of
-  each row is pending (it is the next forward's first input)."""
+  each row is pending (it is the next forward's first input).
 
-  tokens: jax.Array  # [B, N] int32 buffer: prompt then generated tokens
-  num_tokens: jax.Array  # [B] committed tokens in the buffer
-  prompt_lens: jax.Array  # [B]
-  max_new: jax.Array  # [B] budget of new tokens per row
-  cache: KVCache
-  key: jax.Array  # PRNG key
-  done: jax.Array  # [B] bool
-  step: jax.Array  # scalar int32: decode forwards so far (prefill not counted)
-  committed: jax.Array  # [max_steps, B] tokens committed by each decode step (0 once done)
-  accepted: jax.Array  # [max_steps, B] draft tokens accepted by each step (committed - 1 when active)
-  method_state: Any = ()
+  No shape depends on max_new_tokens: the step budget is a value, so a new max_new_tokens
+  within one cache size compiles nothing new. Statistics are counters, not per-step logs."""
+
+  tokens: jax.Array = _axes("batch", None)  # [B, N] int32 buffer: prompt then generated tokens
+  num_tokens: jax.Array = _axes("batch")  # [B] committed tokens in the buffer
+  prompt_lens: jax.Array = _axes("batch")  # [B]
+  max_new: jax.Array = _axes("batch")  # [B] budget of new tokens per row
+  cache: KVCache  # axes declared on KVCache's fields
+  key: jax.Array = _axes()  # PRNG key
+  done: jax.Array = _axes("batch")  # [B] bool
+  step: jax.Array = _axes()  # scalar int32: decode steps run (prefill not counted)
+  max_steps: jax.Array = _axes()  # scalar int32: the decode step budget
+  forwards: jax.Array = _axes("batch")  # [B] int32: target forwards per row, prefill included
+  accept_hist: jax.Array = _axes(None)  # [max_commit + 1] int32: active row-steps by tokens committed
+  method_state: Any = ()  # axes: the method's `method_state_axes`, else caches like `cache`, rest replicated
 
   @property
   def batch_size(self) -> int:
@@ -65,12 +74,12 @@ def append_tokens(state: DecodeState, new_BxM: jax.Array, n_B: jax.Array, eos_id
 
 
 def record_step(state: DecodeState, n_B: jax.Array) -> DecodeState:
-  """Account one decode forward that committed n[b] tokens per row."""
-  s = state.step
+  """Account one decode forward that committed n[b] tokens per row (0: the row was done)."""
+  active_B = (n_B > 0).astype(jnp.int32)
   return state.replace(
-      committed=state.committed.at[s].set(n_B),
-      accepted=state.accepted.at[s].set(jnp.maximum(n_B - 1, 0)),
-      step=s + 1,
+      accept_hist=state.accept_hist.at[n_B].add(active_B, mode="drop"),
+      forwards=state.forwards + active_B,
+      step=state.step + 1,
   )
 
 

@@ -59,7 +59,6 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
   for b, p in enumerate(prompts):
     tokens[b, : len(p)] = p
   lens = np.array([len(p) for p in prompts], np.int32)
-  steps = max(max_steps, 1)
   return DecodeState(
       tokens=jnp.asarray(tokens),
       num_tokens=jnp.asarray(lens),
@@ -69,8 +68,9 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
       key=key,
       done=jnp.asarray(np.full((B,), max_new_tokens <= 0)),
       step=jnp.zeros((), jnp.int32),
-      committed=jnp.zeros((steps, B), jnp.int32),
-      accepted=jnp.zeros((steps, B), jnp.int32),
+      max_steps=jnp.asarray(max_steps, jnp.int32),
+      forwards=jnp.ones((B,), jnp.int32),  # the prefill
+      accept_hist=jnp.zeros((method.max_commit + 1,), jnp.int32),
       method_state=method.init_method_state(config, B, num_slots, cache_dtype),
   )
 
@@ -104,7 +104,7 @@ def run_steps(params, state: DecodeState, num_steps: jax.Array, aux_params=None,
   """
   model = nnx.merge(graphdef, params)
   aux = nnx.merge(aux_graphdef, aux_params) if aux_graphdef is not None else None
-  limit = jnp.minimum(state.step + num_steps, state.committed.shape[0])
+  limit = jnp.minimum(state.step + num_steps, state.max_steps)
 
   def cond(s):
     return (s.step < limit) & ~jnp.all(s.done)

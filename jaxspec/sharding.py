@@ -270,20 +270,6 @@ def sharding_loader(mesh: Mesh, rules: ShardingRules | None = None):
 # Decode state and cache
 
 # Logical axes of DecodeState fields (the cache and method_state are handled separately).
-STATE_AXES: dict[str, tuple] = {
-    "tokens": ("batch", None),
-    "num_tokens": ("batch",),
-    "prompt_lens": ("batch",),
-    "max_new": ("batch",),
-    "done": ("batch",),
-    "step": (),
-    "committed": (None, "batch"),
-    "accepted": (None, "batch"),
-    "key": (),
-}
-CACHE_FIELD_AXES = {"k": CACHE_AXES, "v": CACHE_AXES, "lengths": ("batch",)}
-
-
 def _named(mesh, rules, axes, x) -> NamedSharding:
   shape = jnp.shape(x)
   if axes is None or len(axes) != len(shape):
@@ -292,10 +278,10 @@ def _named(mesh, rules, axes, x) -> NamedSharding:
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules):
-  """KVCache of NamedSharding: k/v per CACHE_AXES, lengths over batch, anything else replicated."""
+  """KVCache of NamedSharding, from the logical axes its fields declare."""
   out = {}
   for f in dataclasses.fields(cache):
-    axes = CACHE_FIELD_AXES.get(f.name)
+    axes = f.metadata.get("axes")
     out[f.name] = jax.tree.map(functools.partial(_named, mesh, rules, axes), getattr(cache, f.name))
   return cache.replace(**out)
 
@@ -315,9 +301,9 @@ def _method_state_shardings(method_state, mesh, rules, method):
 def state_shardings(state, mesh: Mesh, rules: ShardingRules, method=None):
   """A DecodeState of NamedSharding for `state` (concrete or abstract) under resolved `rules`.
 
-  Per-row arrays go over `batch`, the cache per CACHE_AXES, method state per the method's
-  `method_state_axes(method_state)` if it has one (else replicated, KV caches inside sharded),
-  any field not listed in STATE_AXES replicated.
+  Each field by the logical axes it declares (`metadata["axes"]`, see DecodeState and KVCache),
+  method state per the method's `method_state_axes(method_state)` if it has one (else
+  replicated, KV caches inside sharded), anything without axes replicated.
   """
   out = {}
   for f in dataclasses.fields(state):
@@ -327,7 +313,7 @@ def state_shardings(state, mesh: Mesh, rules: ShardingRules, method=None):
     elif f.name == "method_state":
       out[f.name] = _method_state_shardings(value, mesh, rules, method)
     else:
-      out[f.name] = jax.tree.map(functools.partial(_named, mesh, rules, STATE_AXES.get(f.name)), value)
+      out[f.name] = jax.tree.map(functools.partial(_named, mesh, rules, f.metadata.get("axes")), value)
   return state.replace(**out)
 
 

@@ -99,7 +99,6 @@ class Verdict:
   path: jax.Array  # [B, D+1] node ids root..last accepted (garbage past n)
   n: jax.Array  # [B] accepted drafts + 1: tokens to commit (and K/V slots to keep)
   tokens: jax.Array  # [B, D+1] committed tokens: accepted drafts then the next token
-  accepted_at_depth: jax.Array  # [B, D] bool: was a draft accepted at depth d+1
 
 
 def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
@@ -142,7 +141,7 @@ def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array) -> Verd
   shifted = jnp.concatenate([path_tokens[:, 1:], path_tokens[:, -1:]], axis=1)
   idx = jnp.arange(D + 1)[None, :]
   tokens = jnp.where(idx == (n_B - 1)[:, None], bonus_B[:, None], shifted)
-  return Verdict(path=path, n=n_B, tokens=tokens, accepted_at_depth=idx[:, :D] < (n_B - 1)[:, None])
+  return Verdict(path=path, n=n_B, tokens=tokens)
 
 
 def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
@@ -211,7 +210,7 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
                                           None if draft.q_probs is None else draft.q_probs[:, :T], keys) \
       if draft.q_probs is not None else \
       jax.vmap(lambda p, t, v, k: row(p, t, v, None, k))(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
-  return Verdict(path=path, n=n, tokens=tokens, accepted_at_depth=moved)
+  return Verdict(path=path, n=n, tokens=tokens)
 
 
 def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,

@@ -20,9 +20,11 @@ CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 @struct.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # L x [B, K, S, D]
-  v: tuple[jax.Array, ...]  # L x [B, K, S, D]
-  lengths: jax.Array  # [B] int32, committed slots per row
+  """Fields carry their logical axes (`metadata["axes"]`, every array of a tuple alike)."""
+
+  k: tuple[jax.Array, ...] = struct.field(metadata={"axes": CACHE_AXES})  # L x [B, K, S, D]
+  v: tuple[jax.Array, ...] = struct.field(metadata={"axes": CACHE_AXES})  # L x [B, K, S, D]
+  lengths: jax.Array = struct.field(metadata={"axes": ("batch",)})  # [B] int32, committed slots per row
 
   @property
   def num_slots(self) -> int:

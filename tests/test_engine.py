@@ -89,3 +89,38 @@ def test_pure_functions_compose_under_jit(tiny):
                             eos_ids=(1,))
   ids = np.asarray(st.tokens[0, 5:int(st.num_tokens[0])]).tolist()
   assert ids == naive_greedy(tiny, PROMPTS[0], 8)
+
+
+def test_new_max_new_tokens_compiles_nothing(tiny):
+  """No state shape depends on max_new_tokens (the step budget is a value): within one cache
+  bucket a second call with another budget reuses prefill and loop."""
+  first = jaxspec.generate(tiny, PROMPTS, max_new_tokens=9, cache_len=128)
+  second = jaxspec.generate(tiny, PROMPTS, max_new_tokens=13, cache_len=128)
+  assert first.stats.compile_s > 0 and second.stats.compile_s == 0.0
+  assert max(len(t) for t in second.token_ids) == 13
+  assert all(a == b[:len(a)] for a, b in zip(first.token_ids, second.token_ids))
+
+
+def test_stream_with_stop_string_equals_generate(tiny):
+  full = jaxspec.generate(tiny, [PROMPTS[0]], max_new_tokens=40).texts[0]
+  stop = " " + full.split()[5] + " "  # spans pieces: held back until it is known not to be a stop
+  want = jaxspec.generate(tiny, [PROMPTS[0]], max_new_tokens=40, stop=[stop]).texts[0]
+  got = list(jaxspec.stream(tiny, PROMPTS[0], max_new_tokens=40, stop=[stop]))
+  assert "".join(got) == want == full[:full.find(stop)]
+
+
+class _ByteTokenizer:
+  """ids are UTF-8 bytes: a character may span several tokens."""
+
+  def decode(self, ids, skip_special_tokens=True):
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_incremental_detokenization_holds_back_partial_characters():
+  from jaxspec.api import _TextTail
+  text = "héllo 日本 🙂!"
+  tail = _TextTail(_ByteTokenizer())
+  data = list(text.encode())
+  pieces = [tail.push([b], final=i == len(data) - 1) for i, b in enumerate(data)]
+  assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+  assert len(tail.ids) - tail.prefix <= 4  # only a short window of the newest tokens is decoded

@@ -34,7 +34,7 @@ def test_guesses_are_carried_shifted():
   # argmax at slots 0..4 of two rows; row 0 accepted 1 guess (n=2), row 1 accepted none (n=1)
   am = np.array([[3, 4, 5, 6, 7], [11, 12, 13, 14, 15]])
   logits = jnp.asarray(np.eye(V)[am] * 3.0)
-  verdict = Verdict(path=None, n=jnp.asarray([2, 1]), tokens=None, accepted_at_depth=None)
+  verdict = Verdict(path=None, n=jnp.asarray([2, 1]), tokens=None)
   ms = m.update(m.init_method_state(type("C", (), {"vocab_size": V})(), 2, 0, None), None, None, logits, None,
                 verdict, verdict.n)
   assert ms["carried"].tolist() == [3, 4]  # window 5 minus committed tokens

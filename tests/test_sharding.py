@@ -25,9 +25,6 @@ from jaxspec import sharding as shd
 from jaxspec.errors import InvalidOptionError
 from jaxspec.models.config import ModelConfig
 
-# One xdist worker runs this file: its module fixture starts two 8-device workers of its own.
-pytestmark = pytest.mark.xdist_group("sharding")
-
 HERE = Path(__file__).resolve().parent
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
 PROMPTS = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]  # B=4

@@ -253,4 +253,4 @@ def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sa
     return path, n_acc + 1, tokens, moved_K
 
   path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
-  return Verdict(path=path, n=n, tokens=tokens, accepted_at_depth=moved)
+  return Verdict(path=path, n=n, tokens=tokens)
