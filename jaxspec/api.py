@@ -123,43 +123,25 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
     raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
   m = get_method(method, **(method_options or {})) if isinstance(method, str) else method
-  if hasattr(m, "resolve"):
-    m = m.resolve(bundle)
+  m = m.resolve(bundle)
   ids = encode_prompts(bundle, prompts, chat)
   P, S, max_steps = engine.plan_sizes([len(p) for p in ids], max_new_tokens, m,
                                       bundle.config.max_position_embeddings, cache_len)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
   state = sharding.state_initializer(bundle, mesh, rules)(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
-  memory_key = getattr(m, "memory_key", None)
-  if memory_key and memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
-    state = state.replace(method_state=bundle.method_memory.pop(memory_key))
+  if m.memory_key and m.memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
+    state = state.replace(method_state=bundle.method_memory.pop(m.memory_key))
   return m, sampling, ids, P, state
 
 
-def _prefill_method(m):
-  """The method if its prefill needs it, else None: methods without a prefill hook share one
-  compiled prefill."""
-  return m if hasattr(m, "prefill_method") else None
-
-
-def _aux(bundle, m, static):
-  """(aux params, static kwargs with aux_graphdef) for methods with an auxiliary draft model."""
-  aux = m.aux_bundle(bundle) if hasattr(m, "aux_bundle") else None
-  if aux is None:
-    return None, static
-  return aux.params, dict(static, aux_graphdef=aux.graphdef)
-
-
 def _finish_method(bundle, m, state):
-  """Keep per-bundle method memory; report acceptance to methods that learn from it."""
-  memory_key = getattr(m, "memory_key", None)
-  if memory_key:
-    bundle.method_memory[memory_key] = state.method_state
-  if hasattr(m, "observe"):
-    hist = sharding.to_host(state.accept_hist)
-    active = int(hist.sum())
-    if active:
-      m.observe(bundle, float((np.arange(hist.size) * hist).sum() / active - 1.0), active)
+  """Keep per-bundle method memory; report acceptance to the method (it may adapt)."""
+  if m.memory_key:
+    bundle.method_memory[m.memory_key] = state.method_state
+  hist = sharding.to_host(state.accept_hist)
+  active = int(hist.sum())
+  if active:
+    m.observe(bundle, float((np.arange(hist.size) * hist).sum() / active - 1.0), active)
 
 
 def reset_method_memory(bundle, method: str | None = None) -> None:
@@ -167,8 +149,7 @@ def reset_method_memory(bundle, method: str | None = None) -> None:
   if method is None:
     bundle.method_memory.clear()
   else:
-    key = getattr(get_method(method), "memory_key", None)
-    bundle.method_memory.pop(key, None)
+    bundle.method_memory.pop(get_method(method).memory_key, None)
 
 
 @dataclasses.dataclass
@@ -182,17 +163,17 @@ class _Call:
   ids: list[list[int]]
   params: object
   state: object
-  aux_params: object
+  mparams: object  # the method's own parameters, or None
   prefill: object
   run: object
   steps_per_call: jax.Array
   compile_s: float
 
   def run_prefill(self):
-    return self.prefill(self.params, self.state, self.aux_params)
+    return self.prefill(self.params, self.state, self.mparams)
 
   def run_steps(self, state):
-    return self.run(self.params, state, self.steps_per_call, self.aux_params)
+    return self.run(self.params, state, self.steps_per_call, self.mparams)
 
 
 def _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat, cache_len,
@@ -202,13 +183,13 @@ def _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
                                         top_p, seed, chat, cache_len, method_options, mesh, rules)
   params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
   static = dict(sampling=sampling, eos_ids=bundle.eos_ids, attn_impl=attn_impl, graphdef=bundle.graphdef)
-  aux_params, static = _aux(bundle, m, static)
-  aux_params = sharding.aux_params_for(aux_params, bundle, mesh, rules)
-  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, aux_params),
-                                dict(static, prompt_len=P, method=_prefill_method(m)))
+  mparams = sharding.method_params_for(m.load_params(bundle), bundle, mesh, rules)
+  # methods without a prefill hook share one compiled prefill
+  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, mparams),
+                                dict(static, prompt_len=P, method=m if m.has_prefill else None))
   steps = jnp.asarray(steps_per_call or max(int(state.max_steps), 1), jnp.int32)
-  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps, aux_params), dict(static, method=m))
-  return _Call(bundle, m, ids, params, state, aux_params, pre, run, steps, c1 + c2)
+  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps, mparams), dict(static, method=m))
+  return _Call(bundle, m, ids, params, state, mparams, pre, run, steps, c1 + c2)
 
 
 def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int = 128,

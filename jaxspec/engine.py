@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxspec.decode_state import DecodeState, append_tokens
 from jaxspec.errors import PromptTooLongError
+from jaxspec.methods.speculative import speculative_step
 from jaxspec.models.kv_cache import advance, init_cache
 from jaxspec.sampling import SamplingConfig, sample_tokens
 
@@ -51,7 +52,7 @@ def plan_sizes(prompt_lens: Sequence[int], max_new_tokens: int, method, max_posi
 
 
 def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, method, key,
-               num_slots: int, max_steps: int, cache_dtype) -> DecodeState:
+               num_slots: int, max_steps: int, cache_dtype, mparams=None) -> DecodeState:
   """Host-side construction of the initial state (before prefill)."""
   B = len(prompts)
   N = num_slots + method.max_commit + 1  # tied to the cache size: one loop compilation per cache bucket
@@ -71,14 +72,16 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
       max_steps=jnp.asarray(max_steps, jnp.int32),
       forwards=jnp.ones((B,), jnp.int32),  # the prefill
       accept_hist=jnp.zeros((method.max_commit + 1,), jnp.int32),
-      method_state=method.init_method_state(config, B, num_slots, cache_dtype),
+      method_state=method.init_method_state(config, B, num_slots, cache_dtype, mparams),
   )
 
 
-def prefill(params, state: DecodeState, aux_params=None, *, graphdef, prompt_len: int, sampling: SamplingConfig,
-            eos_ids: tuple[int, ...], attn_impl: str = "auto", method=None, aux_graphdef=None) -> DecodeState:
+def prefill(params, state: DecodeState, mparams=None, *, graphdef, prompt_len: int, sampling: SamplingConfig,
+            eos_ids: tuple[int, ...], attn_impl: str = "auto", method=None) -> DecodeState:
   """Run the padded prompts [B, P] through the model, commit each row's prompt K/V and sample
-  the first new token from the logits at its last prompt position."""
+  the first new token from the logits at its last prompt position. `method` (one with
+  `has_prefill`, else None: one compiled prefill serves them all) then reads the prompt too;
+  `mparams` are its own parameters."""
   model = nnx.merge(graphdef, params)
   B = state.batch_size
   prompt_BxP = state.tokens[:, :prompt_len]
@@ -90,36 +93,32 @@ def prefill(params, state: DecodeState, aux_params=None, *, graphdef, prompt_len
   first_B = sample_tokens(logits_Bx1xV[:, 0], sub, sampling)
   state, _ = append_tokens(state.replace(key=key), first_B[:, None], jnp.ones((B,), jnp.int32), eos_ids)
   state = state.replace(cache=advance(cache, state.prompt_lens))
-  if method is not None and hasattr(method, "prefill_method"):  # e.g. a draft model's own prompt pass
-    aux = nnx.merge(aux_graphdef, aux_params) if aux_graphdef is not None else None
-    state = state.replace(method_state=method.prefill_method(aux, state, prompt_len, attn_impl))
+  if method is not None:
+    state = state.replace(method_state=method.prefill(model, mparams, state, prompt_len, attn_impl))
   return state
 
 
-def run_steps(params, state: DecodeState, num_steps: jax.Array, aux_params=None, *, graphdef, method, sampling,
-              eos_ids, attn_impl: str = "auto", aux_graphdef=None) -> DecodeState:
-  """Up to `num_steps` decode steps on device, stopping early when every row is done.
-
-  `aux_params`/`aux_graphdef`: an auxiliary model the method uses (a draft model), or None.
-  """
+def run_steps(params, state: DecodeState, num_steps: jax.Array, mparams=None, *, graphdef, method, sampling,
+              eos_ids, attn_impl: str = "auto") -> DecodeState:
+  """Up to `num_steps` decode steps of `method` on device (one `speculative_step` each), stopping
+  early when every row is done or the state's step budget is spent. `mparams`: the method's own
+  parameters (None when it has none)."""
   model = nnx.merge(graphdef, params)
-  aux = nnx.merge(aux_graphdef, aux_params) if aux_graphdef is not None else None
   limit = jnp.minimum(state.step + num_steps, state.max_steps)
 
   def cond(s):
     return (s.step < limit) & ~jnp.all(s.done)
 
   def body(s):
-    return method.step(model, s, sampling, eos_ids, attn_impl, aux=aux)
+    return speculative_step(method, model, mparams, s, sampling, eos_ids, attn_impl)
 
   return jax.lax.while_loop(cond, body, state)
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl",
-                                                "method", "aux_graphdef"),
+                                                "method"),
                       donate_argnames=("state",))
-run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl",
-                                                    "aux_graphdef"),
+run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl"),
                         donate_argnames=("state",))
 
 

@@ -287,9 +287,8 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules):
 
 
 def _method_state_shardings(method_state, mesh, rules, method):
-  axes_fn = getattr(method, "method_state_axes", None)
-  if axes_fn is not None:  # a method may name its state's logical axes (a matching tree of tuples)
-    axes_tree = axes_fn(method_state)
+  axes_tree = method.method_state_axes(method_state) if method is not None else None
+  if axes_tree is not None:  # a method may name its state's logical axes (a matching tree of tuples)
     return jax.tree.map(lambda axes, x: _named(mesh, rules, axes, x), axes_tree, method_state,
                         is_leaf=lambda a: a is None or isinstance(a, tuple))
   # KV caches inside (e.g. a draft model's) are sharded like the target's; the rest replicated.
@@ -475,17 +474,17 @@ def decode_fns(bundle, state, mesh: Mesh | None = None, rules: ShardingRules | N
   return (params, state) + _FNS[key]
 
 
-def aux_params_for(aux_params, bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None):
-  """An auxiliary (draft) model's params on the call's mesh, split by their logical axes (sizes
-  checked per dimension: the drafter's config is not at hand); unchanged when unsharded.
-  Moved on every call unless already there: shard the drafter once for repeated use."""
+def method_params_for(mparams, bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None):
+  """A method's own parameters (a drafter's weights, trained heads) on the call's mesh, split by
+  their logical axes (sizes checked per dimension); unchanged when unsharded or None. Moved on
+  every call unless already there: shard them once for repeated use."""
   layout = layout_for(bundle, mesh, rules)
-  if layout is None or aux_params is None:
-    return aux_params
+  if layout is None or mparams is None:
+    return mparams
   raw = rules or getattr(bundle, "rules", None) or DEFAULT_RULES
-  target = param_shardings(aux_params, layout.mesh, raw)
-  ok = all(_on(x, t) for x, t in zip(jax.tree.leaves(aux_params), jax.tree.leaves(target)))
-  return aux_params if ok else jax.device_put(aux_params, target)
+  target = param_shardings(mparams, layout.mesh, raw)
+  ok = all(_on(x, t) for x, t in zip(jax.tree.leaves(mparams), jax.tree.leaves(target)))
+  return mparams if ok else jax.device_put(mparams, target)
 
 
 def _on(x, sharding) -> bool:

@@ -15,11 +15,9 @@ PROMPTS = [[5, 9, 2, 7, 3], [4, 4, 8], [3, 6, 2, 9, 11, 12, 6, 2, 2, 30, 40]]
 
 
 @pytest.fixture
-def drafters(monkeypatch):
-  """Register tiny drafter bundles under names, as if loaded by aux_bundle (no model folder)."""
-  def register(name, bundle):
-    monkeypatch.setitem(draft_model._AUX_BUNDLES, (name, "float32"), bundle)
-  return register
+def drafters():
+  """Register tiny drafter bundles under names for a target (no model folder)."""
+  return lambda target, name, bundle: draft_model.register_drafter(target, name, bundle)
 
 
 def _ar(bundle, prompts, n=16):
@@ -29,7 +27,7 @@ def _ar(bundle, prompts, n=16):
 @pytest.mark.parametrize("opts", [dict(k=3), dict(k=2, width=2)])
 def test_separate_drafter_greedy_identical_to_ar(drafters, opts):
   target = make_tiny_bundle(seed=0, layers=2)
-  drafters("tiny-drafter", make_tiny_bundle(seed=1, layers=1))  # a different, weaker model
+  drafters(target, "tiny-drafter", make_tiny_bundle(seed=1, layers=1))  # a different, weaker model
   want = _ar(target, PROMPTS)
   got = jaxspec.generate(target, PROMPTS, method="draft", max_new_tokens=16,
                          method_options=dict(drafter="tiny-drafter", **opts)).token_ids
@@ -43,7 +41,7 @@ def test_drafter_equal_to_target_is_always_accepted(drafters):
   cache out of step with the accepted tokens would show up as rejections."""
   target = make_tiny_bundle(seed=2, layers=2, eos=())
   target.tokenizer.eos_token_id = None  # no early stop: the step count below is exact
-  drafters("same", target)
+  drafters(target, "same", target)
   r = jaxspec.generate(target, PROMPTS, method="draft", max_new_tokens=25, method_options=dict(drafter="same", k=4))
   assert r.token_ids == _ar(target, PROMPTS, 25)
   assert r.stats.steps == 5  # 25 tokens = prefill token + 4 steps x 5 + a last step of 4
@@ -54,7 +52,7 @@ def test_drafter_equal_to_target_is_always_accepted(drafters):
 def test_separate_drafter_sampling_matches_ar_distribution(drafters):
   sampling = SamplingConfig(temperature=0.8, top_k=6)
   target = peaked_tiny_bundle(seed=0, vocab=8, scale=40.0)
-  drafters("peaked-drafter", peaked_tiny_bundle(seed=5, vocab=8, scale=40.0))
+  drafters(target, "peaked-drafter", peaked_tiny_bundle(seed=5, vocab=8, scale=40.0))
   prompt = [1, 2, 3, 1, 2]
   P = exact_distribution(target, prompt, sampling)
   for opts in (dict(k=2), dict(k=2, width=2, without_replacement=True)):
@@ -71,6 +69,6 @@ def test_drafter_with_other_tokenizer_is_refused(drafters):
   target = make_tiny_bundle(seed=0)
   other = make_tiny_bundle(seed=1)
   other.tokenizer = _OtherVocab()
-  drafters("other", other)
+  drafters(target, "other", other)
   with pytest.raises(InvalidOptionError, match="different tokenizer"):
     jaxspec.generate(target, PROMPTS[:1], method="draft", max_new_tokens=4, method_options=dict(drafter="other"))

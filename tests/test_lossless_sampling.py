@@ -41,7 +41,7 @@ class NaivePLD(PromptLookup):
   """Prompt lookup with a deliberately wrong verifier (resample from p, not the residual): a
   method of its own, so it compiles apart and nothing shared is patched."""
 
-  def verify_draft(self, draft, logits_BxTxV, sampling, key):
+  def verify(self, draft, logits_BxTxV, sampling, key):
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 

@@ -74,7 +74,7 @@ def test_q_of_fresh_slots_is_the_init_distribution():
     st = engine.init_state(b.config, [prompt], 8, m, None, S, steps, jnp.float32)
     st = st.replace(num_tokens=st.num_tokens + 1)
     model = type("M", (), {"config": b.config})()
-    d = m.propose(model, st, SamplingConfig(1.0), jax.random.key(0))
+    d, _ = m.propose(model, None, st, SamplingConfig(1.0), jax.random.key(0))
     toks, q = np.asarray(d.tokens[0]), np.asarray(d.q_probs[0])
     for i in range(1, 4):
       assert check(q[i], toks[i]), (init, i)

@@ -1,11 +1,6 @@
-"""Decoding methods. Each is a frozen dataclass (hashable: a jit static argument) with
-`scratch_tokens`, `max_commit`, `init_method_state(config, B, num_slots, dtype)` and
-`step(model, state, sampling, eos_ids, attn_impl, aux=None)`. Speculative methods derive from
-`speculative.SpeculativeMethod` and only write `tree`, `propose` and `update`.
-Optional hooks: `resolve(bundle)` (pick concrete options per model), `aux_bundle(bundle)` (an
-auxiliary draft model), `prefill_method(aux, state, prompt_len, attn_impl)`, `memory_key`
-(state kept across calls in bundle.method_memory), `observe(bundle, mean_accepted, steps)`.
-Adding a method is one new file plus a line in METHODS."""
+"""Decoding methods: frozen dataclasses deriving from `base.Method` (the protocol, with its
+hooks documented there), all run by the one shared step (`speculative.speculative_step`).
+Adding a method is one new file plus a line in METHODS (and its tests)."""
 
 from __future__ import annotations
 

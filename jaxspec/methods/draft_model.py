@@ -4,8 +4,10 @@
   draft. Their K/V for committed tokens are exactly the target's, so the drafter reads and
   writes the target cache (scratch slots, overwritten by the verification forward): no second
   cache, no second model.
-* `drafter=<name or folder>`: a separate model with the same tokenizer, with its own cache in the
-  method state (kept in step with the target by committing the same accepted path).
+* `drafter=<name or folder>`: a separate model with the same tokenizer. Its weights are the
+  method's own parameters (`load_params`, sharded like the target's), its graph is resolved onto
+  the method (`resolve`), its cache lives in the method state (kept in step with the target by
+  committing the same accepted path). Loaded once per target bundle (`bundle.method_memory`).
 
 Shapes: `width` = 1 drafts a chain of `k` tokens; `width` > 1 a full tree of depth `k` with
 `width` children per node (top-w when greedy; with sampling, i.i.d. draws from the drafter's q
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import cached_property
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +26,35 @@ import numpy as np
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
-from jaxspec.methods.speculative import SpeculativeMethod
+from flax import nnx
+
+from jaxspec.methods.base import Method
 from jaxspec.models.kv_cache import KVCache, advance, commit, init_cache
 from jaxspec.sampling import SamplingConfig, target_logprobs
 from jaxspec.verify import Draft, TreeSpec
 
-_AUX_BUNDLES: dict = {}  # loaded draft models, by (name, dtype)
+DRAFTERS_KEY = "drafters"  # bundle.method_memory[DRAFTERS_KEY][(name, dtype)] = loaded drafter bundle
+
+
+def register_drafter(target, name: str, drafter) -> None:
+  """Make `drafter` (a ModelBundle) the model `drafter=name` loads for `target`, without a folder."""
+  target.method_memory.setdefault(DRAFTERS_KEY, {})[(name, str(target.dtype))] = drafter
+
+
+def drafter_bundle(target, name: str):
+  """The drafter `name` for `target`: loaded once per target bundle, checked to share its vocabulary."""
+  loaded = target.method_memory.setdefault(DRAFTERS_KEY, {})
+  key = (name, str(target.dtype))
+  if key not in loaded:
+    from jaxspec.models.bundle import load_model
+    loaded[key] = load_model(name, dtype=target.dtype, progress=False)
+  aux = loaded[key]
+  if aux.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+    raise InvalidOptionError(f"drafter {name!r} has a different tokenizer from {target.name!r}; "
+                             "a draft model must share the target's vocabulary")
+  if aux.config.vocab_size != target.config.vocab_size:
+    raise InvalidOptionError(f"drafter vocab {aux.config.vocab_size} != target vocab {target.config.vocab_size}")
+  return aux
 
 
 def full_tree(width: int, depth: int) -> TreeSpec:
@@ -57,16 +83,20 @@ def _children_tokens(logp_BxNxV, width: int, key, sampling: SamplingConfig, with
 
 
 @dataclasses.dataclass(frozen=True)
-class DraftModelSpeculation(SpeculativeMethod):
+class DraftModelSpeculation(Method):
   """k: draft depth; width: children per node (1 = chain); drafter: "self" or a model name/path;
-  exit_layer: blocks the self-drafter uses (0 = a quarter of the target's)."""
+  exit_layer: blocks the self-drafter uses (0 = a quarter of the target's). `drafter_graphdef`
+  and `drafter_config` are set by `resolve` for a separate drafter."""
 
   k: int = 4
   width: int = 1
   drafter: str = "self"
   exit_layer: int = 0
   without_replacement: bool = False
+  drafter_graphdef: Any = dataclasses.field(default=None, repr=False)
+  drafter_config: Any = dataclasses.field(default=None, repr=False)
   name = "draft"
+  has_prefill = True  # a separate drafter reads the prompt into its own cache
 
   def __post_init__(self):
     if self.k < 1 or self.width < 1 or self.exit_layer < 0:
@@ -95,39 +125,30 @@ class DraftModelSpeculation(SpeculativeMethod):
       if layer >= L:
         raise InvalidOptionError(f"exit_layer {layer} must be < the target's {L} layers")
       return dataclasses.replace(self, exit_layer=layer)
-    self.aux_bundle(bundle)  # load (once) and check the drafter before any state is built
-    return self
+    aux = drafter_bundle(bundle, self.drafter)  # load (once) and check before any state is built
+    return dataclasses.replace(self, drafter_graphdef=aux.graphdef, drafter_config=aux.config)
 
-  def aux_bundle(self, bundle):
-    if self.is_self:
-      return None
-    key = (self.drafter, str(bundle.dtype))
-    if key not in _AUX_BUNDLES:
-      from jaxspec.models.bundle import load_model
-      _AUX_BUNDLES[key] = load_model(self.drafter, dtype=bundle.dtype, progress=False)
-    aux = _AUX_BUNDLES[key]
-    if aux.tokenizer.get_vocab() != bundle.tokenizer.get_vocab():
-      raise InvalidOptionError(f"drafter {self.drafter!r} has a different tokenizer from {bundle.name!r}; "
-                               "a draft model must share the target's vocabulary")
-    if aux.config.vocab_size != bundle.config.vocab_size:
-      raise InvalidOptionError(f"drafter vocab {aux.config.vocab_size} != target vocab {bundle.config.vocab_size}")
-    return aux
+  def load_params(self, bundle):
+    return None if self.is_self else drafter_bundle(bundle, self.drafter).params
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     if self.is_self:
       return ()
-    aux = _AUX_BUNDLES[(self.drafter, str(jnp.dtype(dtype)))]
-    return init_cache(aux.config, batch_size, num_slots, dtype)
+    return init_cache(self.drafter_config, batch_size, num_slots, dtype)
 
-  def prefill_method(self, aux, state: DecodeState, prompt_len: int, attn_impl: str):
+  def _drafter(self, mparams):
+    return nnx.merge(self.drafter_graphdef, mparams)
+
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl: str):
     """The separate drafter reads the prompt into its own cache."""
     if self.is_self:
       return state.method_state
     B = state.batch_size
     prompt = state.tokens[:, :prompt_len]
     pos = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (B, prompt_len))
-    _, _, cache = aux(state.method_state, prompt, pos, jnp.tril(jnp.ones((prompt_len, prompt_len), bool)),
-                      logits_index_BxN=jnp.zeros((B, 1), jnp.int32), attn_impl=attn_impl)
+    _, _, cache = self._drafter(mparams)(state.method_state, prompt, pos,
+                                         jnp.tril(jnp.ones((prompt_len, prompt_len), bool)),
+                                         logits_index_BxN=jnp.zeros((B, 1), jnp.int32), attn_impl=attn_impl)
     return advance(cache, state.prompt_lens)
 
   # ---- drafting --------------------------------------------------------------------------
@@ -139,7 +160,8 @@ class DraftModelSpeculation(SpeculativeMethod):
     logits, _, cache = aux(cache, tokens_BxT, positions_BxT, mask_TxT, attn_impl=attn_impl)
     return logits, cache
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
+    aux = None if self.is_self else self._drafter(mparams)
     tree = self.tree
     B, T = state.batch_size, tree.size
     cache = state.cache if self.is_self else state.method_state

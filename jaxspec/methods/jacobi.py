@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
-from jaxspec.methods.speculative import SpeculativeMethod
+from jaxspec.methods.base import Method
 from jaxspec.verify import Draft, TreeSpec
 
 # How a fresh window slot is filled; for SJD each also fixes the slot's q.
@@ -57,7 +57,7 @@ def prompt_histogram(state: DecodeState, vocab: int) -> jax.Array:
   return hist / jnp.maximum(state.prompt_lens, 1)[:, None].astype(jnp.float32)
 
 
-class WindowMethod(SpeculativeMethod):
+class WindowMethod(Method):
   """A window of `window` slots verified as a chain; subclasses set the fields `init`,
   `pad_token`, `w` and the property `window`."""
 
@@ -145,18 +145,18 @@ class Jacobi(WindowMethod):
   def window(self) -> int:
     return self.n
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return dict(guess=jnp.zeros((batch_size, self.n - 1), jnp.int32),
                 carried=jnp.zeros((batch_size,), jnp.int32))
 
   def method_state_axes(self, method_state):
     return dict(guess=("batch", None), carried=("batch",))
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
     ms = state.method_state
     _, k_init = jax.random.split(key)  # as SJD's split: same init draws, same steps at temperature 0
     tokens = self.fill_window(state, ms["guess"], ms["carried"], k_init, model.config.vocab_size)
-    return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool))
+    return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool)), ms
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     argmax_BxT = jnp.argmax(logits_BxTxV[:, :self.n], axis=-1).astype(jnp.int32)

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
-from jaxspec.methods.speculative import SpeculativeMethod
+from jaxspec.methods.base import Method
 from jaxspec.sampling import target_logprobs
 from jaxspec.verify import Draft, TreeSpec, Verdict
 
@@ -65,7 +65,7 @@ def ngrams_ending_at(tokens_BxN, end_BxM, K: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class Lookahead(SpeculativeMethod):
+class Lookahead(Method):
   """W window columns, N n-gram size (window rows N-1), G candidates verified per step.
 
   `seed_pool`: insert the prompt's n-grams at prefill. `output_ngrams`: also insert the
@@ -80,6 +80,7 @@ class Lookahead(SpeculativeMethod):
   output_ngrams: bool = False
   accept_rule: str = "exact"
   name = "lookahead"
+  has_prefill = True
 
   def __post_init__(self):
     if self.W < 1 or self.N < 2 or self.G < 1:
@@ -129,7 +130,7 @@ class Lookahead(SpeculativeMethod):
         m[q, [win(s, j) for s in range(1, r + 1)]] = True
     return m
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return dict(pool=jnp.zeros((config.vocab_size, self.G, self.K), jnp.int32),
                 count=jnp.zeros((config.vocab_size,), jnp.int32),
                 window=jnp.zeros((batch_size, self.K, self.W), jnp.int32))
@@ -137,7 +138,7 @@ class Lookahead(SpeculativeMethod):
   def method_state_axes(self, method_state):
     return dict(pool=(None, None, None), count=(None,), window=("batch", None, None))
 
-  def prefill_method(self, aux, state: DecodeState, prompt_len: int, attn_impl):
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl):
     """Window rows from prompt tokens spread over the prompt; pool seeded with prompt n-grams."""
     ms = dict(state.method_state)
     B, K, W = state.batch_size, self.K, self.W
@@ -153,7 +154,7 @@ class Lookahead(SpeculativeMethod):
                                             vals.transpose(1, 0, 2).reshape(-1, K), ok.T.reshape(-1))
     return ms
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
     ms = state.method_state
     B, G, K = state.batch_size, self.G, self.K
     root_B = last_tokens(state)
@@ -166,11 +167,11 @@ class Lookahead(SpeculativeMethod):
                              axis=1)
     valid = jnp.concatenate([jnp.ones((B, 1), bool), jnp.repeat(valid_BxG, K, axis=1),
                              jnp.ones((B, K * self.W), bool)], axis=1)
-    return Draft(tokens=tokens, valid=valid)
+    return Draft(tokens=tokens, valid=valid), ms
 
-  def verify_draft(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
+  def verify(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
     if sampling.greedy:
-      return super().verify_draft(draft, logits_BxTxV, sampling, key)
+      return super().verify(draft, logits_BxTxV, sampling, key)
     return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, self.accept_rule)
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
-from jaxspec.methods.speculative import SpeculativeMethod
+from jaxspec.methods.base import Method
 from jaxspec.verify import Draft, TreeSpec
 
 
@@ -40,7 +40,7 @@ def lookup_continuation(tokens_BxN, num_B, k: int, max_ngram: int, min_ngram: in
 
 
 @dataclasses.dataclass(frozen=True)
-class PromptLookup(SpeculativeMethod):
+class PromptLookup(Method):
   """Chain draft of `k` tokens from n-gram lookup in the row's own prompt + output."""
 
   k: int = 8
@@ -56,10 +56,10 @@ class PromptLookup(SpeculativeMethod):
   def tree(self) -> TreeSpec:
     return TreeSpec.chain(self.k)
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
     cont, valid = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
     # a chain: once one draft is invalid, all after it are too
     valid = jnp.cumprod(valid.astype(jnp.int32), axis=1).astype(bool)
     tokens = jnp.concatenate([last_tokens(state)[:, None], cont], axis=1)
     valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
-    return Draft(tokens=tokens, valid=valid)
+    return Draft(tokens=tokens, valid=valid), state.method_state

@@ -52,7 +52,7 @@ class SJD(WindowMethod):
   def window(self) -> int:
     return self.L
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     # Logits of the carried slots: their q (after the sampling processors) and their argmax.
     return dict(logits=jnp.zeros((batch_size, self.L - 1, config.vocab_size), jnp.float32),
                 carried=jnp.zeros((batch_size,), jnp.int32))
@@ -60,14 +60,14 @@ class SJD(WindowMethod):
   def method_state_axes(self, method_state):
     return dict(logits=("batch", None, None), carried=("batch",))
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
     ms = state.method_state
     V = model.config.vocab_size
     k_carry, k_init = jax.random.split(key)
     if sampling.greedy:
       carried_BxK = jnp.argmax(ms["logits"], axis=-1).astype(jnp.int32)
       tokens = self.fill_window(state, carried_BxK, ms["carried"], k_init, V)
-      return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool))
+      return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool)), ms
     logq_BxKxV = target_logprobs(ms["logits"], sampling)
     carried_BxK = jax.random.categorical(k_carry, logq_BxKxV, axis=-1).astype(jnp.int32)
     tokens = self.fill_window(state, carried_BxK, ms["carried"], k_init, V)
@@ -83,11 +83,11 @@ class SJD(WindowMethod):
     is_carried_BxK = jnp.arange(L - 1)[None, :] < ms["carried"][:, None]
     q_BxKxV = jnp.where(is_carried_BxK[..., None], jnp.exp(logq_BxKxV), fresh_BxKxV)
     q_BxLxV = jnp.concatenate([jax.nn.one_hot(tokens[:, :1], V, dtype=jnp.float32), q_BxKxV], axis=1)
-    return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q_probs=q_BxLxV)
+    return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q_probs=q_BxLxV), ms
 
-  def verify_draft(self, draft: Draft, logits_BxTxV, sampling, key):
+  def verify(self, draft: Draft, logits_BxTxV, sampling, key):
     if sampling.greedy or self.accept_rule != "naive":
-      return super().verify_draft(draft, logits_BxTxV, sampling, key)
+      return super().verify(draft, logits_BxTxV, sampling, key)
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):

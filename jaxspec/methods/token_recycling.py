@@ -20,14 +20,14 @@ import numpy as np
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import tree_templates
-from jaxspec.methods.speculative import SpeculativeMethod
+from jaxspec.methods.base import Method
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenRecycling(SpeculativeMethod):
+class TokenRecycling(Method):
   """`template`: a name ("tiny", "small", "medium", "large", "xl", "xxl"), a node count, or "auto"
   (resolved per bundle by `resolve_auto_template` from measured forward times)."""
 
@@ -71,10 +71,10 @@ class TokenRecycling(SpeculativeMethod):
   def slots(self) -> np.ndarray:
     return np.asarray(self._template[1], np.int32)
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype):
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return jnp.zeros((config.vocab_size, self.k), jnp.int32)
 
-  def propose(self, model, state: DecodeState, sampling, key, aux=None) -> Draft:
+  def propose(self, model, mparams, state: DecodeState, sampling, key):
     M_Vxk = state.method_state
     tree = self.tree
     parents, slots, depth = np.asarray(tree.parents), self.slots, tree.depth
@@ -84,7 +84,7 @@ class TokenRecycling(SpeculativeMethod):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
       toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
-    return Draft(tokens=toks, valid=jnp.ones((B, tree.size), bool))
+    return Draft(tokens=toks, valid=jnp.ones((B, tree.size), bool)), M_Vxk
 
   def update(self, M_Vxk, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     T = self.tree.size

@@ -1,0 +1,111 @@
+"""The method protocol: what every decoding method is, with no-op defaults.
+
+A method is a frozen dataclass (hashable: a jit static argument) deriving from `Method`. The
+engine runs one step shape for all of them (`jaxspec.methods.speculative.speculative_step`):
+
+    draft, mstate = method.propose(model, mparams, state, sampling, key)   # tree of `tree.size` tokens
+    logits, hidden, cache = model(cache, draft.tokens, positions, method.forward_mask)
+    verdict = method.verify(draft, logits, sampling, key)                   # accepted path + next token
+    cache = commit(cache, verdict.path, n)                                  # per row
+    mstate = method.update(mstate, state, draft, logits, hidden, verdict, n)
+
+AR is the empty draft (`tree` = the pending token alone): the verifier then samples the next
+token from the target, exactly as plain decoding does.
+
+Hooks, all optional (the defaults do nothing):
+* `resolve(bundle)`: concrete options for this model (a template picked by measured timings,
+  a drafter loaded and checked); runs before any state is built.
+* `load_params(bundle)`: the method's own parameters (a drafter's weights, trained heads): a
+  pytree of `nnx.Param` with logical axes, placed and sharded like the model's and passed to
+  every hook below as `mparams` (None: the method has none).
+* `init_method_state(config, B, num_slots, dtype, mparams)` and `method_state_axes(mstate)`:
+  the state carried between steps and its logical axes (None: replicated, KV caches inside
+  sharded like the target's).
+* `has_prefill = True` with `prefill(model, mparams, state, prompt_len, attn_impl)`: a pass over
+  the prompt (a drafter's cache, an n-gram pool). Methods without one share a compiled prefill.
+* `memory_key`: state kept across calls in `bundle.method_memory` (Token Recycling's matrix).
+* `observe(bundle, mean_accepted, steps)`: acceptance seen in a call, for methods that adapt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxspec.decode_state import DecodeState, last_tokens
+from jaxspec.sampling import SamplingConfig
+from jaxspec.verify import Draft, TreeSpec, Verdict, verify
+
+
+class Method:
+  """Base of every decoding method. Subclasses set `name` and usually `tree`, `propose`, `update`."""
+
+  name = "method"
+  without_replacement = False  # drafts drawn without replacement (Gumbel-top-k)
+  capture: tuple[int, ...] = ()  # hidden layers `update` reads
+  memory_key: str | None = None
+  has_prefill = False
+
+  # ---- the forward's static layout -----------------------------------------------------
+
+  @property
+  def tree(self) -> TreeSpec:
+    """The verified draft tree; the default is the empty draft (AR)."""
+    return TreeSpec.chain(0)
+
+  @property
+  def forward_depth(self) -> np.ndarray:
+    """[T] position offset of each forward token after the pending token's position."""
+    return self.tree.depth
+
+  @property
+  def forward_mask(self) -> np.ndarray:
+    """[T, T] which forward tokens each forward token attends to."""
+    return self.tree.mask
+
+  @property
+  def scratch_tokens(self) -> int:
+    """T: tokens in one forward (cache scratch slots a step needs)."""
+    return int(self.forward_depth.shape[0])
+
+  @property
+  def max_commit(self) -> int:
+    """The most tokens one step commits (accepted drafts + the next token)."""
+    return self.tree.max_depth + 1
+
+  # ---- setup hooks ---------------------------------------------------------------------
+
+  def resolve(self, bundle) -> "Method":
+    return self
+
+  def load_params(self, bundle):
+    return None
+
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
+    return ()
+
+  def method_state_axes(self, method_state):
+    return None
+
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl: str):
+    """The method state after the prompt's forward (only called when `has_prefill`)."""
+    return state.method_state
+
+  def observe(self, bundle, mean_accepted: float, steps: int) -> None:
+    return None
+
+  # ---- the step ------------------------------------------------------------------------
+
+  def propose(self, model, mparams, state: DecodeState, sampling: SamplingConfig, key):
+    """(Draft of `scratch_tokens` tokens, column 0 the pending token; method state after drafting)."""
+    pending_Bx1 = last_tokens(state)[:, None]
+    return Draft(tokens=pending_Bx1, valid=pending_Bx1 >= 0), state.method_state
+
+  def verify(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key) -> Verdict:
+    """Accepted path and next token over the first `tree.size` forward tokens: the shared,
+    lossless verifier (a method overrides this only to change the rule)."""
+    return verify(self.tree, draft, logits_BxTxV, sampling, key, self.without_replacement)
+
+  def update(self, method_state, state: DecodeState, draft: Draft, logits_BxTxV, hidden, verdict: Verdict, n_B):
+    """Method state after the verified step. `state` already holds the committed tokens; n_B is
+    what each row actually committed (the verdict cut at EOS and budget)."""
+    return method_state
