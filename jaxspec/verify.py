@@ -219,3 +219,63 @@ def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: Samp
   if sampling.greedy:
     return verify_greedy(tree, draft, logits_BxTxV)
   return verify_stochastic(tree, draft, logits_BxTxV, sampling, key, without_replacement)
+
+
+def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sampling, key,
+                           accept_rule: str = "exact") -> Verdict:
+  """Lossless verification of G deterministic chain candidates that may share prefixes.
+
+  Treats the candidates as a trie: at depth d the candidates still matching the accepted prefix
+  propose their token; each distinct token x is accepted with probability p(x) (p the target at
+  the accepted prefix, reduced by earlier rejections); on rejection p(x) <- 0, renormalise (a
+  repeated token then has probability 0). The token after the accepted prefix is drawn from the
+  remaining p. The committed sequence is distributed exactly as AR sampling.
+  `accept_rule="naive"` (keep p on rejection) is wrong on purpose: tests inject it to show the
+  statistical test detects a wrong rule.
+  """
+  G, K = nodes_GxK.shape
+  T = 1 + G * K
+  nodes = jnp.asarray(nodes_GxK, jnp.int32)
+  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+  keys = jax.random.split(key, draft.tokens.shape[0])
+
+  def row(p_TxV, toks_T, valid_T, k):
+    toks_GxK, ok_GxK = toks_T[nodes], valid_T[nodes]
+
+    def level(carry, inp):
+      d, lkey = inp
+      alive_G, p_V, n_acc, stopped, last_g = carry
+      us = jax.random.uniform(lkey, (G,))
+      acc_g = jnp.int32(-1)
+      for g in range(G):
+        x = toks_GxK[g, d]
+        usable = ~stopped & alive_G[g] & ok_GxK[g, d] & (acc_g < 0)
+        accept = usable & (us[g] < p_V[x])
+        reject = usable & ~accept
+        acc_g = jnp.where(accept, g, acc_g)
+        if accept_rule == "exact":
+          resid = p_V.at[x].set(0.0)
+          p_V = jnp.where(reject, resid / jnp.maximum(resid.sum(), 1e-30), p_V)
+      moved = acc_g >= 0
+      g_acc = jnp.maximum(acc_g, 0)
+      x_acc = toks_GxK[g_acc, d]
+      alive_G = jnp.where(moved, alive_G & ok_GxK[:, d] & (toks_GxK[:, d] == x_acc), alive_G)
+      p_V = jnp.where(moved, p_TxV[nodes[g_acc, d]], p_V)
+      carry = (alive_G, p_V, n_acc + moved.astype(jnp.int32), stopped | ~moved, jnp.where(moved, acc_g, last_g))
+      return carry, moved
+
+    k_levels, k_final = jax.random.split(k)
+    init = (jnp.ones((G,), bool), p_TxV[0], jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+    (_, p_V, n_acc, _, last_g), moved_K = jax.lax.scan(
+        level, init, (jnp.arange(K), jax.random.split(k_levels, K)))
+    nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p_V, 0.0))).astype(jnp.int32)
+    idx = jnp.arange(K + 1)
+    chain_nodes = jnp.concatenate([jnp.zeros((1,), jnp.int32), nodes[last_g]])  # root, then g's chain
+    last_node = chain_nodes[n_acc]
+    path = jnp.where(idx <= n_acc, chain_nodes, last_node)
+    chain_toks = jnp.concatenate([toks_GxK[last_g], toks_GxK[last_g, -1:]])
+    tokens = jnp.where(idx == n_acc, nxt, chain_toks)
+    return path, n_acc + 1, tokens, moved_K
+
+  path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
+  return Verdict(path=path, n=n, tokens=tokens)

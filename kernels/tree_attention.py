@@ -33,11 +33,12 @@ def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_
                    interpret: bool = False) -> jax.Array:
   """Attention of T new queries over each row's prefix and the tree-masked new tokens: [B,T,H,D].
 
-  interpret=True runs a Pallas kernel in interpret mode (CPU, for tests); the XLA path ignores it.
+  tree_mask: [T, T] for the batch, or [B, T, T] per row (always the XLA path: the Pallas kernels
+  take one mask). interpret=True runs a Pallas kernel in interpret mode (CPU, for tests).
   """
   impl = resolve_impl(impl)
   args = (q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
-  if impl == "xla":  # XLA partitions this itself under a mesh
+  if impl == "xla" or tree_mask_TxT.ndim == 3:  # XLA partitions this itself under a mesh
     return tree_attention_reference(*args, scale=scale)
   kernel = tree_attention_tpu if impl == "pallas_tpu" else tree_attention_gpu
   # A Pallas call is opaque to XLA's partitioner: under a sharded decode it runs per shard

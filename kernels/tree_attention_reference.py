@@ -9,7 +9,9 @@ Contract: the K/V of the T new tokens are already written into the cache at slot
 attend to
   * every committed slot s < lengths[b], and
   * new token u (slot lengths[b] + u) iff tree_mask[t, u].
-Nothing else. A causal chain is the lower-triangular mask; a tree is ancestor-or-self.
+Nothing else. A causal chain is the lower-triangular mask; a tree is ancestor-or-self. The mask
+is [T, T] for the whole batch or [B, T, T] per row (rows whose drafts differ in shape, training
+examples with their own masks).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ _NEG_INF = -1e30
 
 
 def attention_mask(lengths_B: jax.Array, tree_mask_TxT: jax.Array, num_slots: int) -> jax.Array:
-  """Boolean [B, T, S]: may query t of row b attend to cache slot s."""
-  T = tree_mask_TxT.shape[0]
+  """Boolean [B, T, S]: may query t of row b attend to cache slot s. tree_mask: [T, T] or [B, T, T]."""
+  T = tree_mask_TxT.shape[-1]
+  B = lengths_B.shape[0]
   slot_S = jnp.arange(num_slots, dtype=jnp.int32)
   rel_BxS = slot_S[None, :] - lengths_B[:, None].astype(jnp.int32)  # slot index in the scratch
   committed_BxS = rel_BxS < 0
   in_scratch_BxS = (rel_BxS >= 0) & (rel_BxS < T)
-  tree_TxT = tree_mask_TxT.astype(bool)
-  # tree_BxTxS[b, t, s] = tree_mask[t, rel[b, s]] where rel is inside the scratch region.
+  tree_BxTxT = jnp.broadcast_to(tree_mask_TxT.astype(bool), (B, T, T))
+  # tree_BxTxS[b, t, s] = tree_mask[b, t, rel[b, s]] where rel is inside the scratch region.
   tree_BxTxS = jnp.take_along_axis(
-      tree_TxT[None, :, :],
+      tree_BxTxT,
       jnp.clip(rel_BxS, 0, T - 1)[:, None, :].repeat(T, axis=1),
       axis=2,
   )

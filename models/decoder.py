@@ -3,14 +3,19 @@
 GQA, RoPE (HF convention), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v bias.
 Every parameter carries logical axis names (`logical_axes` metadata) for jaxspec.sharding.
 
-The forward implements the one forward contract (ARCHITECTURE.md):
-  logits, hidden, cache = model(cache, tokens[B,T], positions[B,T], tree_mask[T,T], capture)
-New K/V go to scratch slots after each row's committed prefix; `cache.lengths` is unchanged.
+The forward implements the one forward contract, for decoding and for training:
+  logits, hidden, cache = model(cache, tokens[B,T], positions[B,T], mask[T,T] or [B,T,T],
+                                capture=(), logits_index_BxN=None, attn_impl="auto",
+                                num_layers=None, edit=None)
+With a cache, new K/V go to scratch slots after each row's committed prefix (`cache.lengths` is
+unchanged) and the tokens attend to that prefix plus what `mask` allows among them. With
+cache=None it is plain masked attention over the given tokens (differentiable, what trainers
+use); it returns cache None.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +77,13 @@ class Attention(nnx.Module):
     q_BxTxHxD = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
     k_BxTxKxD = apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
     v_BxTxKxD = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-    k_cache = write_scratch(k_cache, k_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
-    v_cache = write_scratch(v_cache, v_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
-    o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, impl=attn_impl)
+    if k_cache is None:  # no cache: the T tokens are the whole context (training)
+      keys, values = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)
+      o_BxTxHxD = tree_attention(q_BxTxHxD, keys, values, jnp.zeros((B,), jnp.int32), tree_mask_TxT, impl=attn_impl)
+    else:
+      k_cache = write_scratch(k_cache, k_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
+      v_cache = write_scratch(v_cache, v_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
+      o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, impl=attn_impl)
     out = linear(self, "o_HDxE", o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim))
     return out, k_cache, v_cache
 
@@ -127,33 +136,46 @@ class Decoder(nnx.Module):
 
   def __call__(
       self,
-      cache: KVCache,
+      cache: KVCache | None,
       tokens_BxT: jax.Array,
       positions_BxT: jax.Array,
-      tree_mask_TxT: jax.Array,
+      tree_mask_TxT: jax.Array | None = None,
       capture: Sequence[int] = (),
       logits_index_BxN: jax.Array | None = None,
       attn_impl: str = "auto",
       num_layers: int | None = None,
-  ) -> tuple[jax.Array, dict[int, jax.Array], KVCache]:
+      edit: Callable[[int, jax.Array], jax.Array] | None = None,
+  ) -> tuple[jax.Array, dict[int, jax.Array], KVCache | None]:
     """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
     `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
 
+    `tree_mask`: [T, T], or [B, T, T] per row; None = causal. `cache` None: no cache (training).
     `capture` layer ids are 0-based block indices; -1 means the last block. `num_layers` runs
     only the first blocks before the final norm and LM head (early exit: a self-drafter).
+    `edit(i, x_BxTxE) -> x_BxTxE` rewrites the residual stream after block i (e.g. pseudo
+    states written at layer t, then run through layers t+1..L); captures see the edited stream.
     """
     c = self.config
+    B, T = tokens_BxT.shape
     capture = {l % c.num_layers for l in capture}
+    if tree_mask_TxT is None:
+      tree_mask_TxT = jnp.tril(jnp.ones((T, T), bool))
     x = self.embed_VxE[...][tokens_BxT]
     cos, sin = rope_cos_sin(positions_BxT, c.head_dim, c.rope_theta)
-    ks, vs, hidden = list(cache.k), list(cache.v), {}
+    L = len(self.blocks)
+    ks, vs = (list(cache.k), list(cache.v)) if cache is not None else ([None] * L, [None] * L)
+    lengths_B = cache.lengths if cache is not None else jnp.zeros((B,), jnp.int32)
+    hidden = {}
     for i, block in enumerate(self.blocks):
       if num_layers is not None and i >= num_layers:
         break
-      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], cache.lengths, tree_mask_TxT, attn_impl)
+      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl)
+      if edit is not None:
+        x = edit(i, x)
       if i in capture:
         hidden[i] = x
     x = rms_norm(x, self.final_norm_E[...], c.rms_norm_eps)
     if logits_index_BxN is not None:
       x = jnp.take_along_axis(x, logits_index_BxN[:, :, None], axis=1)
-    return self.logits(x), hidden, cache.replace(k=tuple(ks), v=tuple(vs))
+    out_cache = cache.replace(k=tuple(ks), v=tuple(vs)) if cache is not None else None
+    return self.logits(x), hidden, out_cache

@@ -55,7 +55,7 @@ def test_separate_drafter_sampling_matches_ar_distribution(drafters):
   drafters(target, "peaked-drafter", peaked_tiny_bundle(seed=5, vocab=8, scale=40.0))
   prompt = [1, 2, 3, 1, 2]
   P = exact_distribution(target, prompt, sampling)
-  for opts in (dict(k=2), dict(k=2, width=2, without_replacement=True)):
+  for opts in (dict(k=2, width=2, without_replacement=True),):  # a tree with q; chains: test_lossless_sampling
     counts, _ = sample_counts(target, prompt, sampling, "draft", dict(drafter="peaked-drafter", **opts), chunks=2)
     assert gof_pvalue(counts, P) > 1e-3
 

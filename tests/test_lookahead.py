@@ -16,9 +16,11 @@ from conftest import make_tiny_bundle
 from decoding_checks import exact_distribution, gof_pvalue, peaked_tiny_bundle, sample_counts
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import get_method
-from jaxspec.methods.lookahead import pool_insert, verify_candidates_trie
+import dataclasses
+
+from jaxspec.methods.lookahead import Lookahead, pool_insert
 from jaxspec.sampling import SamplingConfig
-from jaxspec.verify import Draft
+from jaxspec.verify import Draft, verify_candidates_trie
 
 
 def test_window_positions_and_mask():
@@ -56,7 +58,7 @@ def test_tiny_greedy_matches_ar_and_commits_bonus_on_full_match():
 
 
 def test_bad_options_raise():
-  for opts in (dict(N=1), dict(W=0), dict(G=0), dict(accept_rule="x")):
+  for opts in (dict(N=1), dict(W=0), dict(G=0), dict(bogus=1)):
     with pytest.raises(InvalidOptionError):
       get_method("lookahead", **opts)
 
@@ -132,9 +134,16 @@ def test_sampling_matches_exact_distribution(peaked):
   assert gof_pvalue(counts, P) > 1e-3
 
 
+@dataclasses.dataclass(frozen=True)
+class NaiveLookahead(Lookahead):
+  """Lookahead with a wrong trie rule (keep p on rejection), injected by the test."""
+
+  def verify(self, draft, logits_BxTxV, sampling, key):
+    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, accept_rule="naive")
+
+
 @pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
 def test_wrong_rule_is_detected(peaked):
   b, prompt, P = peaked
-  counts, _ = sample_counts(b, prompt, SAMPLING, "lookahead", dict(W=3, N=3, G=3, accept_rule="naive"),
-                            rows=1500, chunks=2)
+  counts, _ = sample_counts(b, prompt, SAMPLING, NaiveLookahead(W=3, N=3, G=3), rows=1500, chunks=2)
   assert gof_pvalue(counts, P) < 1e-6

@@ -21,9 +21,7 @@ from tqdm import tqdm
 import data
 from jaxspec.models.bundle import ModelBundle
 from jaxspec.models.config import ModelConfig
-from jaxspec.models.decoder import Decoder, rms_norm
-from jaxspec.models.kv_cache import init_cache
-from jaxspec.models.rope import apply_rope, rope_cos_sin
+from jaxspec.models.decoder import Decoder
 
 SEQ = 1 + data.SIZE * data.SIZE
 CONFIG = ModelConfig(vocab_size=data.VOCAB, embed_dim=96, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=24,
@@ -49,40 +47,13 @@ def make_optimizer(total_steps: int):
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
 
 
-def train_logits(model: Decoder, tokens_BxT):
-  """The Decoder's causal forward without a KV cache (the decode forward writes one, which
-  makes the backward pass several times slower). Same math: checked by `check_train_forward`."""
-  c = model.config
-  B, T = tokens_BxT.shape
-  H, K, D = c.num_heads, c.num_kv_heads, c.head_dim
-  cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), D, c.rope_theta)
-  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-  x = model.embed_VxE[...][tokens_BxT]
-  for blk in model.blocks:
-    a = blk.attn
-    h = rms_norm(x, blk.attn_norm_E[...], c.rms_norm_eps)
-    q_BxTxHxD = apply_rope((h @ a.q_ExHD[...]).reshape(B, T, H, D), cos, sin)
-    k_BxTxHxD = jnp.repeat(apply_rope((h @ a.k_ExKD[...]).reshape(B, T, K, D), cos, sin), H // K, axis=2)
-    v_BxTxHxD = jnp.repeat((h @ a.v_ExKD[...]).reshape(B, T, K, D), H // K, axis=2)
-    s_BxHxTxT = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxTxHxD) * D**-0.5
-    p_BxHxTxT = jax.nn.softmax(jnp.where(causal_TxT, s_BxHxTxT, -1e30), axis=-1)
-    o_BxTxHxD = jnp.einsum("bhts,bshd->bthd", p_BxHxTxT, v_BxTxHxD)
-    x = x + o_BxTxHxD.reshape(B, T, H * D) @ a.o_HDxE[...]
-    x = x + blk.mlp(rms_norm(x, blk.mlp_norm_E[...], c.rms_norm_eps))
-  return model.logits(rms_norm(x, model.final_norm_E[...], c.rms_norm_eps))
-
-
-def check_train_forward(graphdef, params, tokens_BxT):
-  """The training forward must equal the decode forward (the one generate() uses)."""
-  model = nnx.merge(graphdef, params)
-  B, T = tokens_BxT.shape
-  ref, _, _ = model(init_cache(CONFIG, B, T, jnp.float32), tokens_BxT,
-                    jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), jnp.tril(jnp.ones((T, T), bool)))
-  np.testing.assert_allclose(np.asarray(train_logits(model, tokens_BxT)), np.asarray(ref), atol=2e-4, rtol=2e-4)
-
-
 def loss_fn(params, graphdef, tokens_BxL):
-  logits = train_logits(nnx.merge(graphdef, params), tokens_BxL[:, :-1])
+  """Next-token cross-entropy through the decoder's own cache-free forward (the one generate()
+  runs, with cache=None: plain causal attention, differentiable)."""
+  inputs_BxT = tokens_BxL[:, :-1]
+  B, T = inputs_BxT.shape
+  positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  logits, _, _ = nnx.merge(graphdef, params)(None, inputs_BxT, positions_BxT)
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxL[:, 1:]).mean()
 
 
@@ -92,7 +63,6 @@ def train(ckpt_dir: Path, steps: int, minutes: float, batch_size: int = 16, ckpt
   graphdef, params = nnx.split(model)
   opt = make_optimizer(steps)
   opt_state = opt.init(params)
-  check_train_forward(graphdef, params, jnp.asarray(data.batch(np.random.default_rng(12345), 2)))
   mngr = ocp.CheckpointManager(ckpt_dir.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
   start = 0
   if mngr.latest_step() is not None:

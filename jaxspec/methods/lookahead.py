@@ -30,11 +30,7 @@ import numpy as np
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.base import Method
-from jaxspec.sampling import target_logprobs
-from jaxspec.verify import Draft, TreeSpec, Verdict
-
-ACCEPT_RULES = ("exact", "naive")
-
+from jaxspec.verify import Draft, TreeSpec, Verdict, verify_candidates_trie
 
 def pool_insert(pool_VxGxK, count_V, keys_M, vals_MxK, ok_M):
   """Insert n-grams one by one (in order): skip one already stored under its key, else write
@@ -69,8 +65,8 @@ class Lookahead(Method):
   """W window columns, N n-gram size (window rows N-1), G candidates verified per step.
 
   `seed_pool`: insert the prompt's n-grams at prefill. `output_ngrams`: also insert the
-  n-grams that end in each newly committed token. `accept_rule` "naive" (resample from p on
-  rejection) is deliberately wrong and exists for tests only.
+  n-grams that end in each newly committed token. Sampling verifies the candidates as a trie
+  of deterministic drafts (`jaxspec.verify.verify_candidates_trie`).
   """
 
   W: int = 5
@@ -78,15 +74,12 @@ class Lookahead(Method):
   G: int = 5
   seed_pool: bool = True
   output_ngrams: bool = False
-  accept_rule: str = "exact"
   name = "lookahead"
   has_prefill = True
 
   def __post_init__(self):
     if self.W < 1 or self.N < 2 or self.G < 1:
       raise InvalidOptionError(f"lookahead needs W >= 1, N >= 2, G >= 1, got W={self.W} N={self.N} G={self.G}")
-    if self.accept_rule not in ACCEPT_RULES:
-      raise InvalidOptionError(f"lookahead accept_rule must be one of {ACCEPT_RULES}, got {self.accept_rule!r}")
 
   @property
   def K(self) -> int:
@@ -172,7 +165,7 @@ class Lookahead(Method):
   def verify(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
     if sampling.greedy:
       return super().verify(draft, logits_BxTxV, sampling, key)
-    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, self.accept_rule)
+    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key)
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     ms = dict(method_state)
@@ -196,62 +189,3 @@ class Lookahead(Method):
     ms["pool"], ms["count"] = pool_insert(ms["pool"], ms["count"], keys_M, vals_MxK, ok_M)
     ms["window"] = jnp.concatenate([win_BxKxW[:, 1:, :], new_BxW[:, None, :]], axis=1)
     return ms
-
-
-def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sampling, key,
-                           accept_rule: str = "exact") -> Verdict:
-  """Lossless verification of G deterministic chain candidates that may share prefixes.
-
-  Treats the candidates as a trie: at depth d the candidates still matching the accepted prefix
-  propose their token; each distinct token x is accepted with probability p(x) (p the target at
-  the accepted prefix, reduced by earlier rejections); on rejection p(x) <- 0, renormalise (a
-  repeated token then has probability 0). The token after the accepted prefix is drawn from the
-  remaining p. The committed sequence is distributed exactly as AR sampling.
-  `accept_rule="naive"` (keep p on rejection) is wrong on purpose, for tests.
-  """
-  G, K = nodes_GxK.shape
-  T = 1 + G * K
-  nodes = jnp.asarray(nodes_GxK, jnp.int32)
-  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
-  keys = jax.random.split(key, draft.tokens.shape[0])
-
-  def row(p_TxV, toks_T, valid_T, k):
-    toks_GxK, ok_GxK = toks_T[nodes], valid_T[nodes]
-
-    def level(carry, inp):
-      d, lkey = inp
-      alive_G, p_V, n_acc, stopped, last_g = carry
-      us = jax.random.uniform(lkey, (G,))
-      acc_g = jnp.int32(-1)
-      for g in range(G):
-        x = toks_GxK[g, d]
-        usable = ~stopped & alive_G[g] & ok_GxK[g, d] & (acc_g < 0)
-        accept = usable & (us[g] < p_V[x])
-        reject = usable & ~accept
-        acc_g = jnp.where(accept, g, acc_g)
-        if accept_rule == "exact":
-          resid = p_V.at[x].set(0.0)
-          p_V = jnp.where(reject, resid / jnp.maximum(resid.sum(), 1e-30), p_V)
-      moved = acc_g >= 0
-      g_acc = jnp.maximum(acc_g, 0)
-      x_acc = toks_GxK[g_acc, d]
-      alive_G = jnp.where(moved, alive_G & ok_GxK[:, d] & (toks_GxK[:, d] == x_acc), alive_G)
-      p_V = jnp.where(moved, p_TxV[nodes[g_acc, d]], p_V)
-      carry = (alive_G, p_V, n_acc + moved.astype(jnp.int32), stopped | ~moved, jnp.where(moved, acc_g, last_g))
-      return carry, moved
-
-    k_levels, k_final = jax.random.split(k)
-    init = (jnp.ones((G,), bool), p_TxV[0], jnp.int32(0), jnp.bool_(False), jnp.int32(0))
-    (_, p_V, n_acc, _, last_g), moved_K = jax.lax.scan(
-        level, init, (jnp.arange(K), jax.random.split(k_levels, K)))
-    nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p_V, 0.0))).astype(jnp.int32)
-    idx = jnp.arange(K + 1)
-    chain_nodes = jnp.concatenate([jnp.zeros((1,), jnp.int32), nodes[last_g]])  # root, then g's chain
-    last_node = chain_nodes[n_acc]
-    path = jnp.where(idx <= n_acc, chain_nodes, last_node)
-    chain_toks = jnp.concatenate([toks_GxK[last_g], toks_GxK[last_g, -1:]])
-    tokens = jnp.where(idx == n_acc, nxt, chain_toks)
-    return path, n_acc + 1, tokens, moved_K
-
-  path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
-  return Verdict(path=path, n=n, tokens=tokens)

@@ -20,33 +20,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState
-from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.jacobi import ONE_HOT, PROMPT, UNIFORM, WindowMethod, prompt_histogram
 from jaxspec.sampling import target_logprobs
-from jaxspec.verify import Draft, verify_stochastic
-
-ACCEPT_RULES = ("exact", "naive")
-
+from jaxspec.verify import Draft
 
 @dataclasses.dataclass(frozen=True)
 class SJD(WindowMethod):
   """`L`: window slots; `init`: fresh-slot strategy (jaxspec.methods.jacobi.INITS; the paper's
   is "random"); `w`: row width for token grids ("left"/"above"), the grid starts at the prompt
-  end. `accept_rule="naive"` (resample from p, not the residual, on rejection) is deliberately
-  wrong and exists for tests only.
+  end.
   """
 
   L: int = 16
   init: str = "random"
   pad_token: int = 0
   w: int = 0
-  accept_rule: str = "exact"
   name = "sjd"
 
   def __post_init__(self):
     self._check("sjd")
-    if self.accept_rule not in ACCEPT_RULES:
-      raise InvalidOptionError(f"sjd accept_rule must be one of {ACCEPT_RULES}, got {self.accept_rule!r}")
 
   @property
   def window(self) -> int:
@@ -84,11 +76,6 @@ class SJD(WindowMethod):
     q_BxKxV = jnp.where(is_carried_BxK[..., None], jnp.exp(logq_BxKxV), fresh_BxKxV)
     q_BxLxV = jnp.concatenate([jax.nn.one_hot(tokens[:, :1], V, dtype=jnp.float32), q_BxKxV], axis=1)
     return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q_probs=q_BxLxV), ms
-
-  def verify(self, draft: Draft, logits_BxTxV, sampling, key):
-    if sampling.greedy or self.accept_rule != "naive":
-      return super().verify(draft, logits_BxTxV, sampling, key)
-    return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     idx_BxK, carried_B = self.shift_index(verdict.n, self.L)
