@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxspec.decode_state import DecodeState, last_tokens
+from jaxspec.methods.forward_layout import ForwardLayout
 from jaxspec.sampling import SamplingConfig
 from jaxspec.verify import Draft, TreeSpec, Verdict, verify
 
@@ -53,14 +54,19 @@ class Method:
     return TreeSpec.chain(0)
 
   @property
+  def forward_layout(self) -> ForwardLayout:
+    """The forward's tokens: the verified tree, then any named extra segments."""
+    return ForwardLayout(self.tree)
+
+  @property
   def forward_depth(self) -> np.ndarray:
     """[T] position offset of each forward token after the pending token's position."""
-    return self.tree.depth
+    return self.forward_layout.depth
 
   @property
   def forward_mask(self) -> np.ndarray:
     """[T, T] which forward tokens each forward token attends to."""
-    return self.tree.mask
+    return self.forward_layout.mask
 
   @property
   def scratch_tokens(self) -> int:

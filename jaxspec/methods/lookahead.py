@@ -30,6 +30,7 @@ import numpy as np
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.base import Method
+from jaxspec.methods.forward_layout import ForwardLayout, Segment
 from jaxspec.verify import Draft, TreeSpec, Verdict, verify_candidates_trie
 
 def pool_insert(pool_VxGxK, count_V, keys_M, vals_MxK, ok_M):
@@ -99,29 +100,19 @@ class Lookahead(Method):
     """[G, K] tree node id of candidate g's token at depth d+1."""
     return 1 + np.arange(self.G)[:, None] * self.K + np.arange(self.K)[None, :]
 
-  @property
-  def window_start(self) -> int:
-    return self.tree.size
-
   @cached_property
-  def forward_depth(self) -> np.ndarray:
-    r, j = np.meshgrid(np.arange(self.K), np.arange(self.W), indexing="ij")
-    return np.concatenate([self.tree.depth, (1 + r + j).reshape(-1)]).astype(np.int32)
-
-  @cached_property
-  def forward_mask(self) -> np.ndarray:
-    Tt, K, W = self.tree.size, self.K, self.W
-    T = Tt + K * W
-    m = np.zeros((T, T), bool)
-    m[:Tt, :Tt] = self.tree.mask
-    win = lambda r, j: Tt + r * W + j
-    for r in range(K):
-      for j in range(W):
-        q = win(r, j)
-        m[q, 0] = True
-        m[q, [win(0, c) for c in range(j + 1)]] = True
-        m[q, [win(s, j) for s in range(1, r + 1)]] = True
-    return m
+  def forward_layout(self) -> ForwardLayout:
+    """The tree of G candidates, then the window: K rows x W columns (row-major); window token
+    (r, j) sits at depth 1 + r + j and sees row 0 up to column j and column j up to row r."""
+    K, W = self.K, self.W
+    r, j = np.meshgrid(np.arange(K), np.arange(W), indexing="ij")
+    win = lambda r, j: r * W + j
+    mask = np.zeros((K * W, K * W), bool)
+    for rr in range(K):
+      for jj in range(W):
+        mask[win(rr, jj), [win(0, c) for c in range(jj + 1)]] = True
+        mask[win(rr, jj), [win(s, jj) for s in range(1, rr + 1)]] = True
+    return ForwardLayout(self.tree, (Segment.of("window", (1 + r + j).reshape(-1), mask),))
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return dict(pool=jnp.zeros((config.vocab_size, self.G, self.K), jnp.int32),
@@ -170,8 +161,8 @@ class Lookahead(Method):
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     ms = dict(method_state)
     B, K, W = state.batch_size, self.K, self.W
-    last_row = self.window_start + (K - 1) * W
-    new_BxW = jnp.argmax(logits_BxTxV[:, last_row:last_row + W], axis=-1).astype(jnp.int32)
+    window_BxKWxV = logits_BxTxV[:, self.forward_layout.slice("window")]
+    new_BxW = jnp.argmax(window_BxKWxV[:, (K - 1) * W:], axis=-1).astype(jnp.int32)  # the window's last row
     win_BxKxW = ms["window"]
     keys_BxW = win_BxKxW[:, 0, :]
     vals_BxWxK = jnp.concatenate([jnp.swapaxes(win_BxKxW[:, 1:, :], 1, 2), new_BxW[:, :, None]], axis=2)
