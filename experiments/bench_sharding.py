@@ -40,7 +40,7 @@ def parse_args(argv=None):
   ap.add_argument("--model", default="smollm2-135m-instruct")
   ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices (XLA_FLAGS)")
   ap.add_argument("--meshes", nargs="+", default=["1x8", "2x4", "4x2", "8x1"],
-                  help="mesh shapes, each as jaxspec.sharding.parse_mesh reads them (2x4 or data=2,model=4)")
+                  help="mesh shapes, each as jaxspec.mesh.parse_mesh reads them (2x4 or data=2,model=4)")
   ap.add_argument("--batch", type=int, default=8, help="prompts per call (a multiple of every data axis)")
   ap.add_argument("--max-new-tokens", type=int, default=32)
   ap.add_argument("--method", default="ar")
@@ -97,9 +97,9 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
   import jax
-  from jaxspec import sharding
+  from jaxspec.mesh import make_mesh, parse_mesh
   prompts = load_prompts(args.data, args.batch)
-  meshes = [sharding.make_mesh(**sharding.parse_mesh(m)) for m in args.meshes]  # validate first
+  meshes = [make_mesh(**parse_mesh(m)) for m in args.meshes]  # validate first
   print(f"{args.model}, {args.method}, batch {args.batch}, {args.max_new_tokens} new tokens, "
         f"{jax.device_count()} simulated {jax.default_backend()} devices")
   print(f"{'mesh':>14} {'load s':>7} {'params/dev MB':>13} {'compile s':>9} {'prefill s':>9} "

@@ -32,6 +32,12 @@ class GenerateStats:
   prefill_s: float
   compile_s: float
   accept_hist: list[int]  # histogram of tokens committed per active step (index = tokens)
+  forward_tokens: int = 0  # tokens in the decode steps' forwards, summed (pay per draft: < steps x T)
+
+  @property
+  def mean_forward_size(self) -> float:
+    """Tokens per decode forward (the method's full size unless it pays per draft)."""
+    return self.forward_tokens / self.steps if self.steps else 0.0
 
   @property
   def accept_rates(self) -> list[float]:
@@ -52,7 +58,8 @@ class GenerateStats:
   def summary(self) -> str:
     return (f"[{self.method}] {sum(self.new_tokens)} tokens in {self.wall_s:.2f}s "
             f"({self.tokens_per_s:.1f} tok/s), {self.steps} steps, "
-            f"{self.tokens_per_forward:.2f} tokens/forward, compile {self.compile_s:.1f}s")
+            f"{self.tokens_per_forward:.2f} tokens/forward, {self.mean_forward_size:.2f} tokens in each "
+            f"forward, compile {self.compile_s:.1f}s")
 
 
 @dataclasses.dataclass
@@ -118,7 +125,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat,
-             cache_len, method_options, mesh=None, rules=None):
+             cache_len, method_options, layout=None):
   if max_new_tokens < 1:
     raise InvalidOptionError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
@@ -128,7 +135,7 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   P, S, max_steps = engine.plan_sizes([len(p) for p in ids], max_new_tokens, m,
                                       bundle.config.max_position_embeddings, cache_len)
   key = jax.random.key(seed) if isinstance(seed, int) else seed
-  state = sharding.state_initializer(bundle, mesh, rules)(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
+  state = sharding.state_initializer(layout)(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
   if m.memory_key and m.memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
     state = state.replace(method_state=bundle.method_memory.pop(m.memory_key))
   return m, sampling, ids, P, state
@@ -179,16 +186,19 @@ class _Call:
 def _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p, seed, chat, cache_len,
              method_options, mesh, rules, attn_impl, steps_per_call: int | None) -> _Call:
   """Prepare and compile (or reuse) prefill and loop; steps_per_call None = the whole budget."""
+  layout = sharding.layout_for(bundle, mesh, rules)
   m, sampling, ids, P, state = _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k,
-                                        top_p, seed, chat, cache_len, method_options, mesh, rules)
-  params, state, prefill_jit, run_steps_jit = sharding.decode_fns(bundle, state, mesh, rules, m)
-  static = dict(sampling=sampling, eos_ids=bundle.eos_ids, attn_impl=attn_impl, graphdef=bundle.graphdef)
-  mparams = sharding.method_params_for(m.load_params(bundle), bundle, mesh, rules)
+                                        top_p, seed, chat, cache_len, method_options, layout)
+  # committed to the layout's shardings (leaves already there, e.g. method memory, stay)
+  params, mparams = sharding.place(bundle.params, layout), sharding.place(m.load_params(bundle), layout)
+  state = sharding.place(state, layout, m)
+  static = dict(sampling=sampling, eos_ids=bundle.eos_ids, attn_impl=attn_impl, graphdef=bundle.graphdef,
+                layout=layout)
   # methods without a prefill hook share one compiled prefill
-  pre, c1 = engine.COMPILED.get(prefill_jit, (params, state, mparams),
+  pre, c1 = engine.COMPILED.get(engine.prefill_jit, (params, state, mparams),
                                 dict(static, prompt_len=P, method=m if m.has_prefill else None))
   steps = jnp.asarray(steps_per_call or max(int(state.max_steps), 1), jnp.int32)
-  run, c2 = engine.COMPILED.get(run_steps_jit, (params, state, steps, mparams), dict(static, method=m))
+  run, c2 = engine.COMPILED.get(engine.run_steps_jit, (params, state, steps, mparams), dict(static, method=m))
   return _Call(bundle, m, ids, params, state, mparams, pre, run, steps, c1 + c2)
 
 
@@ -237,7 +247,8 @@ def generate(bundle: ModelBundle, prompts, method="ar", *, max_new_tokens: int =
       method=m.name, new_tokens=[len(r) + (1 if len(r) < int(g) else 0) for r, g in
                                  zip(rows, sharding.to_host(state.generated))],
       forwards=sharding.to_host(state.forwards).tolist(), steps=int(state.step), wall_s=wall,
-      prefill_s=prefill_s, compile_s=call.compile_s, accept_hist=sharding.to_host(state.accept_hist).tolist())
+      prefill_s=prefill_s, compile_s=call.compile_s, accept_hist=sharding.to_host(state.accept_hist).tolist(),
+      forward_tokens=int(state.forward_tokens))
   return GenerateResult(texts=texts, token_ids=rows, stats=stats)
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxspec.errors import InvalidOptionError
+from jaxspec.machine import describe, machine_info
 from jaxspec.methods import get_method, parse_method_list, parse_method_spec
 
 
@@ -52,7 +53,9 @@ def _summarise(runs: list[dict], ar_runs: list[dict] | None) -> dict:
   hist = np.sum([r["accept_hist"] for r in runs], axis=0) if runs else np.zeros(1)
   total = hist.sum()
   rates = [float(hist[k + 1:].sum() / total) if total else 0.0 for k in range(1, len(hist) - 1)]
+  steps = sum(r.get("steps", 0) for r in runs)
   out = {"prompts": len(runs), "tokens": tokens, "forwards": forwards, "mat": tokens / max(forwards, 1),
+         "mean_forward_tokens": sum(r.get("forward_tokens", 0) for r in runs) / steps if steps else 0.0,
          "wall_s": wall, "tokens_per_s": tokens / wall if wall else float("nan"), "accept_rates": rates}
   if ar_runs is not None:
     ar_tps = sum(r["new_tokens"] for r in ar_runs) / sum(r["wall_s"] for r in ar_runs)
@@ -111,6 +114,7 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
       compile_s += s.compile_s  # a new prompt-length bucket compiles once more
       runs.append({"id": p["id"], "category": p["category"], "new_tokens": sum(s.new_tokens),
                    "forwards": sum(s.forwards), "wall_s": s.wall_s, "accept_hist": s.accept_hist,
+                   "steps": s.steps, "forward_tokens": s.forward_tokens,
                    "token_ids": r.token_ids[0]})
     results[label] = {"method": name, "options": opts, "compile_s": compile_s,
                       "total_s": time.perf_counter() - t0, "runs": runs}
@@ -133,7 +137,8 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
     curve = forward_time_curve(bundle, list(forward_curve))
   report = {
       "model": model, "dtype": str(bundle.dtype), "backend": jax.default_backend(),
-      "device": str(jax.devices()[0]), "max_new_tokens": max_new_tokens, "temperature": temperature,
+      "device": str(jax.devices()[0]), "machine": machine_info(),
+      "max_new_tokens": max_new_tokens, "temperature": temperature,
       "top_p": top_p, "top_k": top_k, "prompts": len(prompts), "categories": cats,
       "warm_prompts": len(warm_prompts),
       "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -155,24 +160,29 @@ def format_table(report: dict) -> str:
   cats = report["categories"]
   lines = [f"model {report['model']} ({report['dtype']}, {report['backend']}), {report['prompts']} prompts, "
            f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}"]
-  head = f"{'method':<28}{'MAT':>6}{'tok/s':>8}{'speedup':>9}{'med':>6}{'compile':>9}  same-as-AR  " + \
+  if report.get("machine"):
+    lines.append("machine: " + describe(report["machine"]))
+  head = f"{'method':<28}{'MAT':>6}{'T/fwd':>6}{'tok/s':>8}{'speedup':>9}{'med':>6}{'compile':>9}  same-as-AR  " + \
          "  ".join(f"{c[:10]:>10}" for c in cats)
   lines += [head, "-" * len(head)]
   for label, s in report["summary"].items():
     o = s["overall"]
     cat_cells = "  ".join(f"{s['categories'][c]['mat']:>4.2f}/{s['categories'][c].get('speedup', 1):>4.2f}"
                           for c in cats)
-    lines.append(f"{label:<28}{o['mat']:>6.2f}{o['tokens_per_s']:>8.1f}{o.get('speedup', 1.0):>9.2f}"
+    lines.append(f"{label:<28}{o['mat']:>6.2f}{o.get('mean_forward_tokens', 0):>6.2f}{o['tokens_per_s']:>8.1f}{o.get('speedup', 1.0):>9.2f}"
                  f"{o.get('speedup_median', 1.0):>6.2f}{s['compile_s']:>8.1f}s  {s['identical_to_ar']:>10}  "
                  f"{cat_cells}")
-  lines.append("(per category: MAT/speedup; speedup = tokens/s over AR in this run; med = median per-prompt ratio)")
+  lines.append("(per category: MAT/speedup; T/fwd = tokens in each decode forward; speedup = tokens/s over AR in "
+               "this run; med = median per-prompt ratio)")
   for label, s in report["summary"].items():
     rates = s["overall"]["accept_rates"]
     if rates:
       lines.append(f"  {label} acceptance by draft position: " + " ".join(f"{r:.2f}" for r in rates[:8]))
-  if report.get("forward_time_curve_s"):
-    lines.append("forward time vs tokens: " + ", ".join(f"T={k}: {v * 1e3:.1f}ms"
-                                                         for k, v in report["forward_time_curve_s"].items()))
+  curve = report.get("forward_time_curve_s")
+  if curve:
+    one = curve.get("1")
+    lines.append("forward time vs tokens: " + ", ".join(
+        f"T={k}: {v * 1e3:.1f}ms" + (f" ({v / one:.2f}x)" if one and k != "1" else "") for k, v in curve.items()))
   return "\n".join(lines)
 
 
@@ -230,7 +240,8 @@ def add_bench_parser(sub) -> None:
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default=None)
-  p.add_argument("--forward-curve", default="", help="token counts to time one forward at, e.g. 1,2,4,8,16,32,64,128")
+  p.add_argument("--forward-curve", default="1,2,4,8,16",
+                 help="token counts to time one forward at (recorded with the results; '' to skip)")
   p.add_argument("--out", default=None, help="JSON result path")
   p.add_argument("--plot", default=None, help="PNG path for the speedup/MAT plot")
   p.set_defaults(func=_bench_cmd)

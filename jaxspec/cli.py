@@ -65,13 +65,13 @@ def _generate(args) -> int:
 
 def _mesh(args):
   """Distributed init (when asked) and the mesh: --mesh, or data=process count when multi-host."""
-  from jaxspec import sharding
-  sharding.initialize_distributed(True if args.distributed else None)
-  mesh = sharding.parse_mesh(args.mesh) if args.mesh else None  # validate before touching devices
+  from jaxspec import mesh as meshes
+  meshes.initialize_distributed(True if args.distributed else None)
+  mesh = meshes.parse_mesh(args.mesh) if args.mesh else None  # validate before touching devices
   import jax
   if mesh is None and jax.process_count() > 1:
     mesh = {"data": jax.process_count()}
-  return sharding.make_mesh(**mesh) if mesh is not None else None
+  return meshes.make_mesh(**mesh) if mesh is not None else None
 
 
 def _print_on_process_0():

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxspec.models.kv_cache import KVCache, advance
+from jaxspec.models.kv_cache import KVCache
 
 
 def _axes(*logical):
@@ -34,6 +34,7 @@ class DecodeState:
   step: jax.Array = _axes()  # scalar int32: decode steps run (prefill not counted)
   max_steps: jax.Array = _axes()  # scalar int32: the decode step budget
   forwards: jax.Array = _axes("batch")  # [B] int32: target forwards per row, prefill included
+  forward_tokens: jax.Array = _axes()  # scalar int32: tokens in the decode steps' forwards, summed
   accept_hist: jax.Array = _axes(None)  # [max_commit + 1] int32: active row-steps by tokens committed
   method_state: Any = ()  # axes: the method's `method_state_axes`, else caches like `cache`, rest replicated
 
@@ -73,18 +74,13 @@ def append_tokens(state: DecodeState, new_BxM: jax.Array, n_B: jax.Array, eos_id
   return state.replace(tokens=tokens, num_tokens=num_tokens, done=done), n_B
 
 
-def record_step(state: DecodeState, n_B: jax.Array) -> DecodeState:
-  """Account one decode forward that committed n[b] tokens per row (0: the row was done)."""
+def record_step(state: DecodeState, n_B: jax.Array, forward_size) -> DecodeState:
+  """Account one decode forward of `forward_size` tokens per row that committed n[b] tokens per
+  row (0: the row was done)."""
   active_B = (n_B > 0).astype(jnp.int32)
   return state.replace(
       accept_hist=state.accept_hist.at[n_B].add(active_B, mode="drop"),
       forwards=state.forwards + active_B,
+      forward_tokens=state.forward_tokens + jnp.asarray(forward_size, jnp.int32),
       step=state.step + 1,
   )
-
-
-def commit_chain(state: DecodeState, new_BxM: jax.Array, n_B: jax.Array, eos_ids) -> DecodeState:
-  """Shared tail of a step whose accepted tokens are a chain prefix of the forward's input:
-  append tokens, keep the first n K/V scratch slots as they are (no data moves), record stats."""
-  state, n_B = append_tokens(state, new_BxM, n_B, eos_ids)
-  return record_step(state.replace(cache=advance(state.cache, n_B)), n_B)

@@ -22,6 +22,7 @@ from jaxspec.errors import PromptTooLongError
 from jaxspec.methods.speculative import speculative_step
 from jaxspec.models.kv_cache import advance, init_cache
 from jaxspec.sampling import SamplingConfig, sample_tokens
+from jaxspec.sharding import Layout, attention_impl, pin_state
 
 PROMPT_BUCKET = 32  # prompts are padded to a multiple of this: fewer recompiles
 CACHE_BUCKET = 256  # cache slots are a multiple of this: kernel-block friendly, fewer recompiles
@@ -71,18 +72,22 @@ def init_state(config, prompts: Sequence[Sequence[int]], max_new_tokens: int, me
       step=jnp.zeros((), jnp.int32),
       max_steps=jnp.asarray(max_steps, jnp.int32),
       forwards=jnp.ones((B,), jnp.int32),  # the prefill
+      forward_tokens=jnp.zeros((), jnp.int32),
       accept_hist=jnp.zeros((method.max_commit + 1,), jnp.int32),
       method_state=method.init_method_state(config, B, num_slots, cache_dtype, mparams),
   )
 
 
 def prefill(params, state: DecodeState, mparams=None, *, graphdef, prompt_len: int, sampling: SamplingConfig,
-            eos_ids: tuple[int, ...], attn_impl: str = "auto", method=None) -> DecodeState:
+            eos_ids: tuple[int, ...], attn_impl: str = "auto", method=None,
+            layout: Layout | None = None) -> DecodeState:
   """Run the padded prompts [B, P] through the model, commit each row's prompt K/V and sample
   the first new token from the logits at its last prompt position. `method` (one with
   `has_prefill`, else None: one compiled prefill serves them all) then reads the prompt too;
-  `mparams` are its own parameters."""
+  `mparams` are its own parameters. `layout` (None: unsharded) places the attention kernels on
+  its mesh and pins the returned state to its shardings."""
   model = nnx.merge(graphdef, params)
+  attn_impl = attention_impl(attn_impl, layout)
   B = state.batch_size
   prompt_BxP = state.tokens[:, :prompt_len]
   positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (B, prompt_len))
@@ -95,30 +100,32 @@ def prefill(params, state: DecodeState, mparams=None, *, graphdef, prompt_len: i
   state = state.replace(cache=advance(cache, state.prompt_lens))
   if method is not None:
     state = state.replace(method_state=method.prefill(model, mparams, state, prompt_len, attn_impl))
-  return state
+  return pin_state(state, layout, method)
 
 
 def run_steps(params, state: DecodeState, num_steps: jax.Array, mparams=None, *, graphdef, method, sampling,
-              eos_ids, attn_impl: str = "auto") -> DecodeState:
+              eos_ids, attn_impl: str = "auto", layout: Layout | None = None) -> DecodeState:
   """Up to `num_steps` decode steps of `method` on device (one `speculative_step` each), stopping
   early when every row is done or the state's step budget is spent. `mparams`: the method's own
-  parameters (None when it has none)."""
+  parameters (None when it has none). `layout`: as for `prefill`; the loop's carry stays on it."""
   model = nnx.merge(graphdef, params)
+  attn_impl = attention_impl(attn_impl, layout)
   limit = jnp.minimum(state.step + num_steps, state.max_steps)
 
   def cond(s):
     return (s.step < limit) & ~jnp.all(s.done)
 
   def body(s):
-    return speculative_step(method, model, mparams, s, sampling, eos_ids, attn_impl)
+    return pin_state(speculative_step(method, model, mparams, s, sampling, eos_ids, attn_impl), layout, method)
 
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(cond, body, pin_state(state, layout, method))
 
 
 prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl",
-                                                "method"),
+                                                "method", "layout"),
                       donate_argnames=("state",))
-run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl"),
+run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl",
+                                                    "layout"),
                         donate_argnames=("state",))
 
 

@@ -1,8 +1,16 @@
-"""Device forward time as a function of the number of tokens in one forward."""
+"""Device forward time as a function of the number of tokens in one forward.
+
+Measured once per model and device: kept in `bundle.method_memory` and, when the bundle was
+loaded from a folder, on disk beside the model (`.jaxspec-forward-times.json`, keyed by device
+kind, device count/mesh, jax version, dtype and context length), so later processes reuse it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +20,51 @@ from flax import nnx
 from jaxspec.models.kv_cache import init_cache
 
 CURVE_KEY = "forward_time_curve"
+CURVE_FILE = ".jaxspec-forward-times.json"
+
+
+def curve_key(bundle, context: int) -> str:
+  """What a measured curve depends on: the device, the software, the numbers' type."""
+  mesh = getattr(bundle, "mesh", None)
+  where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
+  return (f"{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
+          f"dtype={jnp.dtype(bundle.dtype).name}|context={context}")
+
+
+def _disk_path(bundle) -> Path | None:
+  path = getattr(bundle, "path", None)
+  return Path(path) / CURVE_FILE if path is not None and Path(path).is_dir() else None
+
+
+def _read_disk(bundle, key: str) -> dict[int, float]:
+  path = _disk_path(bundle)
+  try:
+    return {int(t): float(s) for t, s in json.loads(path.read_text()).get(key, {}).items()} if path else {}
+  except (OSError, ValueError, AttributeError):
+    return {}  # missing or unreadable: measure again
+
+
+def _write_disk(bundle, key: str, curve: dict[int, float]) -> None:
+  path = _disk_path(bundle)
+  if path is None or jax.process_index() != 0:
+    return
+  try:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = {str(t): s for t, s in sorted(curve.items())}
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+  except (OSError, ValueError):
+    pass  # a read-only model folder: the curve stays in memory
 
 
 def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 5) -> dict[int, float]:
   """Median seconds of one decode forward of T tokens (tree mask = causal) after `context`
-  committed tokens, for each T in sizes. Cached in bundle.method_memory (per bundle, per device)."""
-  cached = bundle.method_memory.setdefault(CURVE_KEY, {})
+  committed tokens, for each T in sizes (batch 1). Cached per bundle and on disk (see above)."""
+  key = curve_key(bundle, context)
+  cached = bundle.method_memory.setdefault(CURVE_KEY, {}).setdefault(key, {})
+  if any(int(t) not in cached for t in sizes):
+    cached.update({t: s for t, s in _read_disk(bundle, key).items() if t not in cached})
   todo = [int(t) for t in sizes if int(t) not in cached]
   graphdef = bundle.graphdef
 
@@ -41,4 +88,6 @@ def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 5) -> d
       jax.block_until_ready(fwd(bundle.params, cache, toks, mask))
       times.append(time.perf_counter() - t0)
     cached[T] = float(np.median(times))
+  if todo:
+    _write_disk(bundle, key, cached)
   return {int(t): cached[int(t)] for t in sizes}

@@ -1,11 +1,11 @@
 """Sharding over a device mesh: tensor parallel over `model`, data parallel over `data`.
 
-Every parameter carries logical axis names (`logical_axes` metadata: "vocab", "embed", "heads",
-"kv_heads", "mlp"); the KV cache has CACHE_AXES ("batch", "kv_heads", "length", "head_dim") and
-the decode state's per-row arrays have "batch". One `ShardingRules` object maps logical axes to
-mesh axes; changing the parallelism layout is editing those rules, nothing else:
+Arrays declare their logical axes where they are declared: parameters in `logical_axes`
+metadata ("vocab", "embed", "heads", "kv_heads", "mlp"), DecodeState and KVCache fields in
+their field metadata, method state through `Method.method_state_axes`. One `ShardingRules`
+object maps logical axes to mesh axes; changing the parallelism layout is editing those rules:
 
-    mesh = jaxspec.sharding.make_mesh(data=2, model=4)          # or mesh_from_spec("data=2,model=4")
+    mesh = jaxspec.mesh.make_mesh(data=2, model=4)
     bundle = jaxspec.load_model("smollm2-135m-instruct", mesh=mesh)   # params read shard by shard
     out = jaxspec.generate(bundle, prompts)                      # state, cache, steps on the mesh
 
@@ -19,40 +19,30 @@ Sizes that do not divide their mesh axis are replicated, never padded:
   * a batch that does not divide the `data` axis is replicated over `data` (every data group
     decodes all rows: correct, no speedup). Pass a batch that is a multiple of the data axis.
 
-Mesh axes are `AxisType.Auto`: shardings are fixed at the boundaries (parameters and decode
-state committed to theirs, the jitted steps' out_shardings equal to the state's) and XLA
-propagates them through the unannotated model.
-Pallas attention kernels (custom calls XLA cannot partition) run under `shard_map` over the
-batch and kv-head axes.
+Mesh axes are `AxisType.Auto`. A `Layout` (mesh + resolved rules, hashable) is a static
+argument of the engine's prefill and loop: they pin the decode state to its shardings
+(`pin_state`), XLA propagates them through the unannotated model, and the Pallas attention
+kernels (custom calls XLA cannot partition) get the mesh explicitly (`Layout.attention`).
 
-Multi-host: `initialize_distributed()` (called by `make_mesh`, the CLI's `--distributed`, or
-JAXSPEC_DISTRIBUTED=1) runs `jax.distributed.initialize()`. Every process runs the same program
-with the same prompts; arrays are created with each process materializing only its shards, and
-`to_host` gathers the sharded token buffer for reading.
+Multi-host (see jaxspec.mesh): every process runs the same program with the same prompts;
+arrays are created with each process materializing only its shards (`put`), and `to_host`
+gathers a sharded array for reading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import inspect
 import math
-import os
-import threading
-from pathlib import Path
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxspec.errors import InvalidOptionError
-from jaxspec.models.kv_cache import CACHE_AXES, KVCache
-
-MESH_AXES = ("data", "model")
+from jaxspec.kernels import AttentionImpl
+from jaxspec.models.kv_cache import KVCache
 
 MeshAxis = str | tuple[str, ...] | None
 
@@ -89,91 +79,6 @@ class ShardingRules:
 
 
 DEFAULT_RULES = ShardingRules()
-
-
-# ---------------------------------------------------------------------------------------------
-# Mesh
-
-
-def initialize_distributed(enable: bool | None = None) -> bool:
-  """Run `jax.distributed.initialize()` when asked (enable=True, or env JAXSPEC_DISTRIBUTED=1).
-
-  Coordinator, process count and id come from the cluster (Cloud TPU, SLURM, ... are detected
-  by JAX) or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID. Must run before
-  any other JAX call. Returns whether JAX runs distributed. Idempotent.
-  """
-  if enable is None:
-    enable = os.environ.get("JAXSPEC_DISTRIBUTED", "").lower() in ("1", "true", "yes")
-  if not enable:
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  kwargs = {}
-  if os.environ.get("JAX_NUM_PROCESSES"):
-    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-  if os.environ.get("JAX_PROCESS_ID"):
-    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU multi-process only
-  jax.distributed.initialize(**kwargs)
-  return True
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """"data=2,model=4" (or "2x4", data x model) -> {"data": 2, "model": 4}. Either axis may be
-  left out ("model=8"): make_mesh fills it with the remaining devices."""
-  text = text.strip().lower()
-  out: dict[str, int] = {}
-  try:
-    if "=" not in text:
-      data, model = text.split("x")
-      out = {"data": int(data), "model": int(model)}
-    else:
-      for part in text.split(","):
-        name, value = (s.strip() for s in part.split("="))
-        if name not in MESH_AXES or name in out:
-          raise ValueError(name)
-        out[name] = int(value)
-  except ValueError:
-    raise InvalidOptionError(f"bad mesh {text!r}; write it as data=2,model=4 (or 2x4)") from None
-  if any(v < 1 for v in out.values()):
-    raise InvalidOptionError(f"mesh axis sizes must be >= 1, got {text!r}; e.g. data=2,model=4")
-  return out
-
-
-def make_mesh(data: int | None = None, model: int | None = None, *, devices=None,
-              axis_types: str = "auto") -> Mesh:
-  """A ("data", "model") mesh. Missing sizes take the remaining devices (both missing: all
-  devices on `model`). On one host a mesh smaller than the device count uses the first devices.
-
-  axis_types="auto" (default) lets XLA propagate the boundary shardings through the model;
-  "explicit" gives sharding-in-types meshes (the model code does not annotate for those).
-  """
-  initialize_distributed()
-  devices = list(devices if devices is not None else jax.devices())
-  n = len(devices)
-  if data is None and model is None:
-    data, model = 1, n
-  elif data is None:
-    data = max(n // model, 1)
-  elif model is None:
-    model = max(n // data, 1)
-  if data * model > n or (data * model < n and jax.process_count() > 1):
-    raise InvalidOptionError(f"mesh data={data},model={model} needs {data * model} devices, "
-                             f"{n} available; pick sizes whose product is {n}")
-  kinds = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
-  if axis_types not in kinds:
-    raise InvalidOptionError(f"axis_types must be 'auto' or 'explicit', got {axis_types!r}")
-  return jax.make_mesh((data, model), MESH_AXES, axis_types=(kinds[axis_types],) * 2,
-                       devices=devices[: data * model])
-
-
-def mesh_from_spec(text: str | None, **kwargs) -> Mesh | None:
-  """make_mesh(**parse_mesh(text)); None for None/"" (single device). For CLIs and harnesses."""
-  return make_mesh(**parse_mesh(text), **kwargs) if text else None
-
-
-def mesh_name(mesh: Mesh) -> str:
-  return ",".join(f"{k}={v}" for k, v in mesh.shape.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,16 +153,12 @@ def param_shardings(params, mesh: Mesh, rules: ShardingRules | None = None, conf
   return jax.tree.map(one, params, is_leaf=_is_var)
 
 
-def shard_params(params, mesh: Mesh, rules: ShardingRules | None = None, config=None):
-  """`params` moved onto their shardings (on every process; values must agree across hosts)."""
-  return jax.device_put(params, param_shardings(params, mesh, rules, config))
-
-
 def shard_bundle(bundle, mesh: Mesh, rules: ShardingRules | None = None):
   """A copy of `bundle` whose params live on `mesh`; generate/stream then decode on it."""
   rules = rules or DEFAULT_RULES
-  return dataclasses.replace(bundle, params=shard_params(bundle.params, mesh, rules, bundle.config),
-                             mesh=mesh, rules=rules, method_memory={})  # memory is per device layout
+  params = jax.device_put(bundle.params, param_shardings(bundle.params, mesh, rules, bundle.config))
+  return dataclasses.replace(bundle, params=params, mesh=mesh, rules=rules,
+                             method_memory={})  # memory is per device layout
 
 
 def sharding_loader(mesh: Mesh, rules: ShardingRules | None = None):
@@ -267,9 +168,9 @@ def sharding_loader(mesh: Mesh, rules: ShardingRules | None = None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decode state and cache
+# Decode state and cache: shardings from the axes their fields declare
 
-# Logical axes of DecodeState fields (the cache and method_state are handled separately).
+
 def _named(mesh, rules, axes, x) -> NamedSharding:
   shape = jnp.shape(x)
   if axes is None or len(axes) != len(shape):
@@ -277,43 +178,31 @@ def _named(mesh, rules, axes, x) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, shape))
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules):
-  """KVCache of NamedSharding, from the logical axes its fields declare."""
+def _field_shardings(obj, mesh, rules, method):
+  """The dataclass `obj` (DecodeState, KVCache) with each field's arrays replaced by the
+  NamedSharding its declared `metadata["axes"]` give; KV caches anywhere by their own fields;
+  method state by the method's `method_state_axes`."""
   out = {}
-  for f in dataclasses.fields(cache):
-    axes = f.metadata.get("axes")
-    out[f.name] = jax.tree.map(functools.partial(_named, mesh, rules, axes), getattr(cache, f.name))
-  return cache.replace(**out)
-
-
-def _method_state_shardings(method_state, mesh, rules, method):
-  axes_tree = method.method_state_axes(method_state) if method is not None else None
-  if axes_tree is not None:  # a method may name its state's logical axes (a matching tree of tuples)
-    return jax.tree.map(lambda axes, x: _named(mesh, rules, axes, x), axes_tree, method_state,
-                        is_leaf=lambda a: a is None or isinstance(a, tuple))
-  # KV caches inside (e.g. a draft model's) are sharded like the target's; the rest replicated.
-  return jax.tree.map(
-      lambda x: cache_shardings(x, mesh, rules) if isinstance(x, KVCache) else _named(mesh, rules, None, x),
-      method_state, is_leaf=lambda x: isinstance(x, KVCache))
-
-
-def state_shardings(state, mesh: Mesh, rules: ShardingRules, method=None):
-  """A DecodeState of NamedSharding for `state` (concrete or abstract) under resolved `rules`.
-
-  Each field by the logical axes it declares (`metadata["axes"]`, see DecodeState and KVCache),
-  method state per the method's `method_state_axes(method_state)` if it has one (else
-  replicated, KV caches inside sharded), anything without axes replicated.
-  """
-  out = {}
-  for f in dataclasses.fields(state):
-    value = getattr(state, f.name)
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
     if isinstance(value, KVCache):
-      out[f.name] = cache_shardings(value, mesh, rules)
+      out[f.name] = _field_shardings(value, mesh, rules, method)
     elif f.name == "method_state":
       out[f.name] = _method_state_shardings(value, mesh, rules, method)
     else:
       out[f.name] = jax.tree.map(functools.partial(_named, mesh, rules, f.metadata.get("axes")), value)
-  return state.replace(**out)
+  return obj.replace(**out)
+
+
+def _method_state_shardings(method_state, mesh, rules, method):
+  axes_tree = method.method_state_axes(method_state) if method is not None else None
+  if axes_tree is not None:  # a matching tree of axis tuples (None leaves: replicated)
+    return jax.tree.map(lambda axes, x: _named(mesh, rules, axes, x), axes_tree, method_state,
+                        is_leaf=lambda a: a is None or isinstance(a, tuple))
+  # KV caches inside (e.g. a draft model's) are sharded like the target's; the rest replicated.
+  return jax.tree.map(
+      lambda x: _field_shardings(x, mesh, rules, None) if isinstance(x, KVCache) else _named(mesh, rules, None, x),
+      method_state, is_leaf=lambda x: isinstance(x, KVCache))
 
 
 def put(x, sharding):
@@ -327,12 +216,6 @@ def put(x, sharding):
   return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
-def shard_state(state, mesh: Mesh, rules: ShardingRules | None = None, method=None, config=None):
-  """Move an existing DecodeState onto the mesh (init_state_sharded avoids the unsharded copy)."""
-  rules = resolve_rules(rules, mesh, config)
-  return jax.tree.map(put, state, state_shardings(state, mesh, rules, method))
-
-
 def to_host(x) -> np.ndarray:
   """np.asarray that also works for arrays sharded across processes (gathers them)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
@@ -342,18 +225,30 @@ def to_host(x) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout: what generate/stream need to decode on a mesh
+# Layout: the static description of one call's placement
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A mesh plus rules resolved for one model's sizes (hashable: part of jit cache keys)."""
+  """A mesh plus rules resolved for one model's sizes (hashable: a static jit argument)."""
 
   mesh: Mesh
   rules: ShardingRules
 
   def spec(self, axes, shape=None) -> P:
     return logical_to_spec(axes, self.rules, self.mesh, shape)
+
+  def shardings(self, tree, method=None):
+    """`tree` (a DecodeState, a KVCache, or a method's parameters) with every array replaced by
+    its NamedSharding under this layout. Works on concrete, abstract or traced values."""
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+      return _field_shardings(tree, self.mesh, self.rules, method)
+    return param_shardings(tree, self.mesh, self.rules)
+
+  def attention(self, name: str) -> AttentionImpl:
+    """The tree attention implementation `name` placed on this mesh."""
+    axes = lambda logical: (lambda a: a[0] if len(a) == 1 else (a or None))(self.rules.mesh_axes(logical))
+    return AttentionImpl(name, self.mesh, axes("batch"), axes("kv_heads"))
 
 
 def layout_for(bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None) -> Layout | None:
@@ -365,151 +260,48 @@ def layout_for(bundle, mesh: Mesh | None = None, rules: ShardingRules | None = N
   return Layout(mesh, resolve_rules(rules, mesh, bundle.config))
 
 
-_ACTIVE = threading.local()
+def attention_impl(name: str, layout: Layout | None) -> str | AttentionImpl:
+  """What the model's forward gets as `attn_impl`: the name, placed on the layout's mesh."""
+  return name if layout is None else layout.attention(name)
 
 
-@contextlib.contextmanager
-def active_layout(layout: Layout | None):
-  """While tracing under this, Pallas attention is wrapped in shard_map for `layout`."""
-  prev = getattr(_ACTIVE, "layout", None)
-  _ACTIVE.layout = layout
-  try:
-    yield
-  finally:
-    _ACTIVE.layout = prev
-
-
-def current_layout() -> Layout | None:
-  return getattr(_ACTIVE, "layout", None)
-
-
-def partition_attention(kernel: Callable, q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B,
-                        tree_mask_TxT):
-  """Run an attention kernel per shard (batch over the batch axis, kv heads over the kv_heads
-  axis when both H and K divide it) under the active layout; plain call when none is active."""
-  layout = current_layout()
+def pin_state(state, layout: Layout | None, method=None):
+  """Inside a jitted function: constrain the decode state to its layout's shardings (identity
+  when unsharded). The engine pins what it returns, so the loop never reshards its carry.
+  Without `method` the method state is left as it is (a pass-through keeps its sharding)."""
   if layout is None:
-    return kernel(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
-  B, _, H, _ = q_BxTxHxD.shape
-  K = k_cache_BxKxSxD.shape[1]
-  b = layout.spec(("batch",), (B,))[0]
-  h = layout.spec(("kv_heads",), (K,))[0]
-  if h is not None and H % _axis_size(layout.mesh, (h,) if isinstance(h, str) else h):
-    h = None
-  q_spec, c_spec = P(b, None, h, None), P(b, h, None, None)
-  return jax.shard_map(kernel, mesh=layout.mesh, in_specs=(q_spec, c_spec, c_spec, P(b), P()),
-                       out_specs=q_spec, check_vma=False)(
-                           q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
+    return state
+  pinned = jax.lax.with_sharding_constraint(state, layout.shardings(state, method))
+  return pinned if method is not None else pinned.replace(method_state=state.method_state)
 
 
-def _traced_under(fn, layout: Layout):
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with active_layout(layout):
-      return fn(*args, **kwargs)
-  return wrapped
-
-
-def _static_names(fn) -> tuple[str, ...]:
-  """Keyword-only parameters of an engine function are its static (jit) arguments."""
-  return tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
-
-
-def state_initializer(bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None):
-  """engine.init_state's drop-in for this call: unchanged when unsharded, else one that builds
-  the state directly on the mesh (each device allocates only its cache shard)."""
-  from jaxspec import engine
-  layout = layout_for(bundle, mesh, rules)
-  if layout is None:
-    return engine.init_state
-
-  def init(config, prompts, max_new_tokens, method, key, num_slots, max_steps, cache_dtype):
-    fn = lambda key: engine.init_state(config, prompts, max_new_tokens, method, key, num_slots,
-                                       max_steps, cache_dtype)
-    shardings = state_shardings(jax.eval_shape(fn, key), layout.mesh, layout.rules, method)
-    return jax.jit(fn, out_shardings=shardings)(key)
-
-  return init
-
-
-_FNS: dict[Any, tuple] = {}
-
-
-def _sharding_signature(tree):
-  leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple(x.sharding for x in leaves)
-
-
-def params_for(bundle, layout: Layout):
-  """The bundle's params on `layout` (moved there when they live elsewhere)."""
-  target = param_shardings(bundle.params, layout.mesh, layout.rules)
-  ok = all(_on(x, s) for x, s in zip(jax.tree.leaves(bundle.params), jax.tree.leaves(target)))
-  return bundle.params if ok else jax.device_put(bundle.params, target)
-
-
-def decode_fns(bundle, state, mesh: Mesh | None = None, rules: ShardingRules | None = None,
-               method=None):
-  """(params, state, prefill_jit, run_steps_jit) for one generate/stream call.
-
-  Unsharded (no mesh given, none on the bundle): everything as it is, engine's jitted functions.
-  Sharded: params and state committed to their shardings (leaves elsewhere, e.g. method memory
-  from an earlier call, are moved), prefill/run_steps jitted with out_shardings equal to the
-  state's input shardings (the loop never reshards) and the state (cache included) donated.
-  """
-  from jaxspec import engine
-  layout = layout_for(bundle, mesh, rules)
-  if layout is None:
-    return bundle.params, state, engine.prefill_jit, engine.run_steps_jit
-  params = params_for(bundle, layout)
-  target = state_shardings(state, layout.mesh, layout.rules, method)
-  state = jax.tree.map(lambda x, s: x if _on(x, s) else put(x, s), state, target)
-  key = (layout, _sharding_signature(params), _sharding_signature(state))
-  if key not in _FNS:
-    # Input shardings are the arguments' own (jit takes no in_shardings with static kwargs):
-    # params and state are committed to theirs above; out_shardings pins the state's.
-    s_sh = jax.tree.map(lambda x: x.sharding, state)
-    mk = lambda fn: jax.jit(_traced_under(fn, layout), out_shardings=s_sh,
-                            static_argnames=_static_names(fn), donate_argnames=("state",))
-    _FNS[key] = (mk(engine.prefill), mk(engine.run_steps))
-  return (params, state) + _FNS[key]
-
-
-def method_params_for(mparams, bundle, mesh: Mesh | None = None, rules: ShardingRules | None = None):
-  """A method's own parameters (a drafter's weights, trained heads) on the call's mesh, split by
-  their logical axes (sizes checked per dimension); unchanged when unsharded or None. Moved on
-  every call unless already there: shard them once for repeated use."""
-  layout = layout_for(bundle, mesh, rules)
-  if layout is None or mparams is None:
-    return mparams
-  raw = rules or getattr(bundle, "rules", None) or DEFAULT_RULES
-  target = param_shardings(mparams, layout.mesh, raw)
-  ok = all(_on(x, t) for x, t in zip(jax.tree.leaves(mparams), jax.tree.leaves(target)))
-  return mparams if ok else jax.device_put(mparams, target)
+def place(tree, layout: Layout | None, method=None):
+  """`tree` (params, decode state or method params) committed to its shardings under `layout`;
+  leaves already there are not moved. Unchanged when unsharded or None."""
+  if layout is None or tree is None:
+    return tree
+  target = layout.shardings(tree, method)
+  if all(_on(x, s) for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(target))):
+    return tree
+  if dataclasses.is_dataclass(tree):  # decode state: per array, each process its shards
+    return jax.tree.map(lambda x, s: x if _on(x, s) else put(x, s), tree, target)
+  return jax.device_put(tree, target)  # parameters (a prefix tree of shardings)
 
 
 def _on(x, sharding) -> bool:
   return isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints (orbax)
+def state_initializer(layout: Layout | None):
+  """engine.init_state's drop-in for this call: unchanged when unsharded, else one that builds
+  the state directly on the mesh (each device allocates only its cache shard)."""
+  from jaxspec import engine
+  if layout is None:
+    return engine.init_state
 
+  def init(config, prompts, max_new_tokens, method, key, num_slots, max_steps, cache_dtype):
+    fn = lambda key: engine.init_state(config, prompts, max_new_tokens, method, key, num_slots,
+                                       max_steps, cache_dtype)
+    return jax.jit(fn, out_shardings=layout.shardings(jax.eval_shape(fn, key), method))(key)
 
-def save_params(path: str | Path, params) -> None:
-  """Write (possibly sharded) params as an orbax checkpoint; every process writes its shards."""
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(Path(path).absolute(), params)
-
-
-def restore_params(path: str | Path, abstract_params, mesh: Mesh, rules: ShardingRules | None = None,
-                   config=None):
-  """Restore an orbax params checkpoint straight onto `mesh` under `rules`, whatever mesh it was
-  saved from. `abstract_params`: e.g. `nnx.split(nnx.eval_shape(lambda: Decoder(config)))[1]`
-  or the `params` of any bundle of the same model."""
-  import orbax.checkpoint as ocp
-  shardings = param_shardings(abstract_params, mesh, rules, config)
-  target = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-                        abstract_params, shardings, is_leaf=_is_var)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(Path(path).absolute(), target)
+  return init

@@ -67,7 +67,7 @@ def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progr
                place=None, mesh=None, rules=None, few_token_layout: bool = False) -> ModelBundle:
   """Load a registered name, a local HF folder or a hub id into a ModelBundle.
 
-  dtype defaults to fp32 on CPU and bf16 on accelerators. With `mesh` (jaxspec.sharding.make_mesh)
+  dtype defaults to fp32 on CPU and bf16 on accelerators. With `mesh` (jaxspec.mesh.make_mesh)
   each parameter is read shard by shard straight onto its sharding under `rules`
   (default jaxspec.sharding.DEFAULT_RULES), and the bundle decodes on that mesh.
   `few_token_layout` adds [out, in] weight copies used by forwards of T > 1 tokens (faster

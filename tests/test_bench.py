@@ -81,4 +81,8 @@ def test_run_bench_writes_json_table_and_plot(tmp_path, capsys):
   assert set(report["forward_time_curve_s"]) == {"1", "2"}
   assert all(t > 0 for t in report["forward_time_curve_s"].values())
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "pld:k=2" in capsys.readouterr().out
+  assert ar["mean_forward_tokens"] == 1.0  # AR: one token per decode forward
+  m = written["machine"]
+  assert m["cores"] >= 1 and m["cpu_model"] and isinstance(m["isa"], list) and m["device_kind"]
+  printed = capsys.readouterr().out
+  assert "pld:k=2" in printed and "machine: " in printed and f"{m['cores']} cores" in printed

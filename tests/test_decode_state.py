@@ -12,7 +12,7 @@ def _state(num_tokens, prompt_lens, max_new, done=(False, False, False)):
   return DecodeState(tokens=toks, num_tokens=jnp.asarray(num_tokens), prompt_lens=jnp.asarray(prompt_lens),
                      max_new=jnp.asarray(max_new), cache=None, key=None, done=jnp.asarray(done),
                      step=jnp.zeros((), jnp.int32), max_steps=jnp.asarray(9), forwards=jnp.ones((B,), jnp.int32),
-                     accept_hist=jnp.zeros((5,), jnp.int32))
+                     forward_tokens=jnp.zeros((), jnp.int32), accept_hist=jnp.zeros((5,), jnp.int32))
 
 
 def test_eos_and_budget_cut_each_row():
@@ -34,6 +34,7 @@ def test_no_eos_ids_means_no_cut():
 
 def test_record_step_counts_active_rows_only():
   from jaxspec.decode_state import record_step
-  st = record_step(_state([3, 3, 3], [2, 2, 2], [10, 10, 10]), jnp.asarray([3, 0, 1]))
-  st = record_step(st, jnp.asarray([1, 0, 1]))
+  st = record_step(_state([3, 3, 3], [2, 2, 2], [10, 10, 10]), jnp.asarray([3, 0, 1]), 4)
+  st = record_step(st, jnp.asarray([1, 0, 1]), 1)
   assert st.accept_hist.tolist() == [0, 3, 0, 1, 0] and st.forwards.tolist() == [3, 1, 3] and int(st.step) == 2
+  assert int(st.forward_tokens) == 5

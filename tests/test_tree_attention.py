@@ -135,3 +135,19 @@ def test_gpu_kernel_lowers_to_triton(B, T, H, K, S, D, dtype):
   )(*_abstract_args(B, T, H, K, S, D, dtype))
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
   assert exported.out_avals[0].shape == (B, T, H, D)
+
+
+def test_kernels_import_nothing_from_the_app():
+  """kernels/ is a library of its own: it imports only jaxspec.kernels (the app passes it the
+  mesh explicitly through AttentionImpl)."""
+  import ast
+  from pathlib import Path
+  kernels = Path(gpu.__file__).parent
+  outside = []
+  for path in sorted(kernels.glob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      outside += [f"{path.name}: {n}" for n in names
+                  if n.split(".")[0] == "jaxspec" and not n.startswith("jaxspec.kernels")]
+  assert len(list(kernels.glob("*.py"))) >= 5 and not outside, outside

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from jaxspec.methods import auto_template, tree_templates
-from jaxspec.profiling import CURVE_KEY
+from jaxspec.profiling import CURVE_KEY, curve_key
 
 
 def _depth_counts(tree):
@@ -41,7 +41,8 @@ def test_expected_accepted_matches_hand_computation():
 
 def _with_curve(bundle, time_of_size):
   sizes = {tree_templates.template(n)[0].size for n in auto_template.CANDIDATES}
-  return dataclasses.replace(bundle, method_memory={CURVE_KEY: {s: time_of_size(s) for s in sizes}})
+  curve = {s: time_of_size(s) for s in sizes}
+  return dataclasses.replace(bundle, method_memory={CURVE_KEY: {curve_key(bundle, 128): curve}})
 
 
 def test_auto_picks_the_largest_tree_on_a_flat_curve_and_the_smallest_on_a_steep_one(tiny):

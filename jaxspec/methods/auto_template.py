@@ -15,7 +15,6 @@ import numpy as np
 from jaxspec.methods import tree_templates
 
 CANDIDATES = ("tiny", "small", "medium", "large", "xl")
-CURVE_KEY = "forward_time_curve"
 STATS_KEY = "recycling_acceptance"
 
 

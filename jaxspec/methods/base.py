@@ -3,7 +3,7 @@
 A method is a frozen dataclass (hashable: a jit static argument) deriving from `Method`. The
 engine runs one step shape for all of them (`jaxspec.methods.speculative.speculative_step`):
 
-    draft, mstate = method.propose(model, mparams, state, sampling, key)   # tree of `tree.size` tokens
+    draft, mstate = method.propose(model, mparams, state, sampling, key, attn_impl)   # tree of `tree.size` tokens
     logits, hidden, cache = model(cache, draft.tokens, positions, method.forward_mask)
     verdict = method.verify(draft, logits, sampling, key)                   # accepted path + next token
     cache = commit(cache, verdict.path, n)                                  # per row
@@ -74,6 +74,14 @@ class Method:
     return int(self.forward_depth.shape[0])
 
   @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    """Forward sizes a step may run, ascending, the last `scratch_tokens`: prefixes of the
+    forward layout. Each step runs the smallest that holds every row's valid draft nodes (see
+    speculative.py), so a method that marks unused nodes invalid pays only for what it drafts.
+    Prefixes must be closed under parents (tree templates are: parents come first)."""
+    return (self.scratch_tokens,)
+
+  @property
   def max_commit(self) -> int:
     """The most tokens one step commits (accepted drafts + the next token)."""
     return self.tree.max_depth + 1
@@ -101,8 +109,9 @@ class Method:
 
   # ---- the step ------------------------------------------------------------------------
 
-  def propose(self, model, mparams, state: DecodeState, sampling: SamplingConfig, key):
-    """(Draft of `scratch_tokens` tokens, column 0 the pending token; method state after drafting)."""
+  def propose(self, model, mparams, state: DecodeState, sampling: SamplingConfig, key, attn_impl="auto"):
+    """(Draft of `scratch_tokens` tokens, column 0 the pending token; method state after drafting).
+    `attn_impl` (a name or a placed `jaxspec.kernels.AttentionImpl`) goes to any forward it runs."""
     pending_Bx1 = last_tokens(state)[:, None]
     return Draft(tokens=pending_Bx1, valid=pending_Bx1 >= 0), state.method_state
 

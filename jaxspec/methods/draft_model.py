@@ -160,7 +160,7 @@ class DraftModelSpeculation(Method):
     logits, _, cache = aux(cache, tokens_BxT, positions_BxT, mask_TxT, attn_impl=attn_impl)
     return logits, cache
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     aux = None if self.is_self else self._drafter(mparams)
     tree = self.tree
     B, T = state.batch_size, tree.size
@@ -177,14 +177,14 @@ class DraftModelSpeculation(Method):
       if self.width == 1:  # chain: feed only the newest token, writing its own scratch slot d
         step_cache = cache.replace(lengths=base + d)
         logits, cache = self._draft_forward(model, aux, step_cache, tokens[:, d:d + 1], (base + d)[:, None],
-                                            jnp.ones((1, 1), bool), "auto")
+                                            jnp.ones((1, 1), bool), attn_impl)
         cache = cache.replace(lengths=base)
         logits_f = logits  # [B, 1, V]
       else:  # tree: re-run every node up to this depth under the tree mask
         n = int(frontier.max()) + 1
         sub_mask = jnp.asarray(tree.mask[:n, :n])
         logits, cache = self._draft_forward(model, aux, cache, tokens[:, :n], base[:, None] + jnp.asarray(depth[:n]),
-                                            sub_mask, "auto")
+                                            sub_mask, attn_impl)
         logits_f = logits[:, frontier]
       logq = target_logprobs(logits_f, sampling if not sampling.greedy else SamplingConfig(1.0))
       kids = _children_tokens(logq, self.width, keys[d], sampling, self.without_replacement)  # [B, F, w]
@@ -196,7 +196,7 @@ class DraftModelSpeculation(Method):
     if not self.is_self:
       # The last drafted tokens were never fed: feed them so the drafter cache holds every node's K/V.
       logits, cache = self._draft_forward(model, aux, cache, tokens, base[:, None] + jnp.asarray(depth),
-                                          jnp.asarray(tree.mask), "auto")
+                                          jnp.asarray(tree.mask), attn_impl)
     draft = Draft(tokens=tokens, valid=jnp.ones((B, T), bool), q_probs=q_BxTxV)
     # self-draft scratch writes are overwritten by the verification forward: nothing to keep
     return draft, (state.method_state if self.is_self else cache)

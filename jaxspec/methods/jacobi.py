@@ -152,7 +152,7 @@ class Jacobi(WindowMethod):
   def method_state_axes(self, method_state):
     return dict(guess=("batch", None), carried=("batch",))
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms = state.method_state
     _, k_init = jax.random.split(key)  # as SJD's split: same init draws, same steps at temperature 0
     tokens = self.fill_window(state, ms["guess"], ms["carried"], k_init, model.config.vocab_size)

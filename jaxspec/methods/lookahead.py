@@ -138,7 +138,7 @@ class Lookahead(Method):
                                             vals.transpose(1, 0, 2).reshape(-1, K), ok.T.reshape(-1))
     return ms
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms = state.method_state
     B, G, K = state.batch_size, self.G, self.K
     root_B = last_tokens(state)

@@ -5,12 +5,14 @@ deterministic and verified by the shared verifier."""
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 
 import jax
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
+from jaxspec.methods import draft_sizing
 from jaxspec.methods.base import Method
 from jaxspec.verify import Draft, TreeSpec
 
@@ -39,27 +41,93 @@ def lookup_continuation(tokens_BxN, num_B, k: int, max_ngram: int, min_ngram: in
   return draft.astype(jnp.int32), valid
 
 
+def parse_sizes(sizes) -> tuple[int, ...]:
+  """(1, 3, 6) or "1/3/6" -> (1, 3, 6)."""
+  if isinstance(sizes, str):
+    try:
+      sizes = [int(x) for x in sizes.split("/")]
+    except ValueError:
+      raise InvalidOptionError(f"sizes must look like 1/3/6, got {sizes!r}") from None
+  return tuple(int(x) for x in (sizes if isinstance(sizes, (tuple, list)) else (sizes,)))
+
+
+PRIOR_ACCEPT = 0.5  # a drafted token's acceptance given the one before it was accepted, before any is seen
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptLookup(Method):
-  """Chain draft of `k` tokens from n-gram lookup in the row's own prompt + output."""
+  """Chain draft of up to `k` tokens from n-gram lookup in the row's own prompt + output.
+
+  Pay per draft (`adaptive=True`, the default): each step verifies the prefix, among `sizes`
+  (forward sizes, 1 = pending token only), with the best expected tokens/s
+  (jaxspec.methods.draft_sizing: acceptance learned during the generation, the device's
+  measured forward times `cost`, resolved per model); a row with no match needs a 1-token
+  forward. `adaptive=False`: always the full k + 1 forward.
+  """
 
   k: int = 8
   max_ngram: int = 3
   min_ngram: int = 1
+  adaptive: bool = True
+  sizes: tuple[int, ...] | str | None = None  # forward sizes, e.g. (1, 3, 6) or "1/3/6"; None: from k
+  cost: tuple[float, ...] | None = None  # forward time per size relative to one token; None: measured
   name = "pld"
 
   def __post_init__(self):
     if self.k < 1 or not (1 <= self.min_ngram <= self.max_ngram):
       raise InvalidOptionError(f"pld needs k >= 1 and 1 <= min_ngram <= max_ngram, got {self}")
+    if self.sizes is None:
+      sizes = draft_sizing.prefix_sizes(self.k + 1) if self.adaptive else (self.k + 1,)
+    else:
+      sizes = parse_sizes(self.sizes)
+    sizes = tuple(sorted(set(sizes)))
+    if sizes[-1] != self.k + 1 or sizes[0] < 1:
+      raise InvalidOptionError(f"pld sizes must lie in [1, k + 1] and end at k + 1 = {self.k + 1}, got {sizes}")
+    object.__setattr__(self, "sizes", sizes)
+    if self.cost is not None and len(self.cost) != len(sizes):
+      raise InvalidOptionError(f"pld cost needs one time per size {sizes}, got {self.cost}")
+
+  @property
+  def _sized(self) -> bool:
+    return self.adaptive and len(self.sizes) > 1
+
+  def resolve(self, bundle) -> "PromptLookup":
+    """Measured forward times for the sizes (once per model and device: profiling caches them)."""
+    if not self._sized or self.cost is not None:
+      return self
+    return dataclasses.replace(self, cost=draft_sizing.measured_cost(bundle, self.sizes))
 
   @property
   def tree(self) -> TreeSpec:
     return TreeSpec.chain(self.k)
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
+  @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    return self.sizes
+
+  @cached_property
+  def _table(self):
+    return draft_sizing.expected_table(self.tree.parents, [0.0] + [PRIOR_ACCEPT] * self.k)
+
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
+    return draft_sizing.init_stats() if self._sized else ()
+
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     cont, valid = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
     # a chain: once one draft is invalid, all after it are too
     valid = jnp.cumprod(valid.astype(jnp.int32), axis=1).astype(bool)
     tokens = jnp.concatenate([last_tokens(state)[:, None], cont], axis=1)
     valid = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], axis=1)
+    if self._sized:
+      if self.cost is None:
+        raise InvalidOptionError("pld: adaptive sizes need `cost`; resolve the method against a model "
+                                 "first (generate does this)")
+      size = draft_sizing.best_size(state.method_state, self._table, self.sizes, self.cost)
+      valid &= jnp.arange(self.k + 1)[None, :] < size
     return Draft(tokens=tokens, valid=valid), state.method_state
+
+  def update(self, method_state, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
+    if not self._sized:
+      return method_state
+    verified_B = draft.valid.sum(axis=1)
+    return draft_sizing.observe(method_state, self._table, verified_B, verdict.n - 1, n_B > 0)

@@ -52,7 +52,7 @@ class SJD(WindowMethod):
   def method_state_axes(self, method_state):
     return dict(logits=("batch", None, None), carried=("batch",))
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms = state.method_state
     V = model.config.vocab_size
     k_carry, k_init = jax.random.split(key)

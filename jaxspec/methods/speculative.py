@@ -3,9 +3,16 @@
 The method supplies the draft, its forward layout (`forward_depth`, `forward_mask`: the
 verified tree first, then any extra tokens such as a lookahead window), the verification rule
 and the state update (see `jaxspec.methods.base.Method`); everything else is shared.
+
+Pay per draft: a method with several `forward_sizes` runs, each step, the smallest forward
+prefix that holds every row's valid draft nodes (one `lax.switch`, every branch compiled once;
+the rows of a batch share the step's size). Nodes past it are invalid, so they are never
+accepted and their logits (zeros) are never read.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,19 +22,44 @@ from jaxspec.models.kv_cache import advance, commit
 from jaxspec.sampling import SamplingConfig
 
 
+def draft_need(valid_BxT: jax.Array) -> jax.Array:
+  """Scalar: forward tokens the batch's draft needs (last valid node of any row, plus one)."""
+  T = valid_BxT.shape[1]
+  last_B = jnp.max(jnp.where(valid_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], 0), axis=1)
+  return jnp.max(last_B) + 1
+
+
+def _forward(method, model, attn_impl, size: int, cache, tokens_BxT, positions_BxT):
+  """The forward over the first `size` tokens, logits and captures zero-padded back to T."""
+  T = tokens_BxT.shape[1]
+  mask = jnp.asarray(method.forward_mask[:size, :size])
+  logits, hidden, cache = model(cache, tokens_BxT[:, :size], positions_BxT[:, :size], mask,
+                                capture=method.capture, attn_impl=attn_impl)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, T - size)] + [(0, 0)] * (x.ndim - 2))
+  return pad(logits), {i: pad(h) for i, h in hidden.items()}, cache
+
+
 def speculative_step(method, model, mparams, state: DecodeState, sampling: SamplingConfig, eos_ids,
                      attn_impl: str = "auto") -> DecodeState:
   """One target forward over the draft; commits the verified tokens (>= 1 per active row)."""
   key, k_prop, k_ver = jax.random.split(state.key, 3)
-  draft, method_state = method.propose(model, mparams, state, sampling, k_prop)
+  draft, method_state = method.propose(model, mparams, state, sampling, k_prop, attn_impl)
   state = state.replace(method_state=method_state)
   depth_T = jnp.asarray(method.forward_depth, jnp.int32)
   positions_BxT = state.cache.lengths[:, None] + depth_T[None, :]
-  logits_BxTxV, hidden, cache = model(state.cache, draft.tokens, positions_BxT, jnp.asarray(method.forward_mask),
-                                      capture=method.capture, attn_impl=attn_impl)
+  sizes = method.forward_sizes
+  operands = (state.cache, draft.tokens, positions_BxT)
+  if len(sizes) == 1:
+    size = jnp.asarray(sizes[0], jnp.int32)
+    logits_BxTxV, hidden, cache = _forward(method, model, attn_impl, sizes[0], *operands)
+  else:
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), draft_need(draft.valid)).astype(jnp.int32)
+    size = jnp.asarray(sizes, jnp.int32)[branch]
+    branches = [functools.partial(_forward, method, model, attn_impl, n) for n in sizes]
+    logits_BxTxV, hidden, cache = jax.lax.switch(branch, branches, *operands)
   verdict = method.verify(draft, logits_BxTxV, sampling, k_ver)
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
   cache = advance(cache, n_B) if method.tree.is_chain else commit(cache, verdict.path, n_B)
   method_state = method.update(st.method_state, st, draft, logits_BxTxV, hidden, verdict, n_B)
-  return record_step(st.replace(cache=cache, method_state=method_state), n_B)
+  return record_step(st.replace(cache=cache, method_state=method_state), n_B, size)

@@ -6,6 +6,10 @@ token into a tree: node token = M[parent token, slot], built one depth per gathe
 forward, M[token] <- top-k of the logits at every tree node (root included). M starts at zero,
 persists across `generate` calls on the same bundle (`bundle.method_memory`), and can be reset.
 Verification is the shared one (deterministic drafts), so outputs equal AR.
+
+Pay per draft (`adaptive=True`): template nodes are ordered most probable path first, so each
+step verifies the prefix of the template with the best expected tokens/s (acceptance learned
+online, forward times measured; jaxspec.methods.draft_sizing) among `prefix_sizes` of it.
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ from functools import cached_property
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
-from jaxspec.methods import tree_templates
+from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
+
+
+@struct.dataclass
+class RecyclingState:
+  M_Vxk: jax.Array  # [V, k] int32: the top-k next tokens last predicted after each token
+  sizing: draft_sizing.SizingStats  # learned acceptance scale (used when adaptive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +44,25 @@ class TokenRecycling(Method):
 
   template: str | int = "auto"
   k: int = 8
+  adaptive: bool = True
+  cost: tuple[float, ...] | None = None  # forward time per prefix size relative to one token; None: measured
   name = "recycling"
-  memory_key = MEMORY_KEY  # the adjacency matrix persists in bundle.method_memory under this key
+
+  @property
+  def memory_key(self) -> str:
+    """The adjacency matrix persists in bundle.method_memory under this key (one per k)."""
+    return f"{MEMORY_KEY}_k{self.k}"
 
   def resolve(self, bundle) -> "TokenRecycling":
-    """Concrete template for this bundle: "auto" picks the best expected tokens/s."""
-    if self.template != "auto":
-      return self
-    from jaxspec.methods.auto_template import pick_template
-    return dataclasses.replace(self, template=pick_template(bundle, self.k))
+    """Concrete template for this bundle ("auto" picks the best expected tokens/s) and, when
+    adaptive, the measured forward times of its prefix sizes."""
+    m = self
+    if m.template == "auto":
+      from jaxspec.methods.auto_template import pick_template
+      m = dataclasses.replace(m, template=pick_template(bundle, m.k))
+    if m._sized and m.cost is None:
+      m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
+    return m
 
   def observe(self, bundle, mean_accepted: float, steps: int) -> None:
     """Record acceptance seen with this template (feeds template="auto")."""
@@ -71,11 +92,25 @@ class TokenRecycling(Method):
   def slots(self) -> np.ndarray:
     return np.asarray(self._template[1], np.int32)
 
-  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
-    return jnp.zeros((config.vocab_size, self.k), jnp.int32)
+  @property
+  def _sized(self) -> bool:
+    return self.adaptive and self.tree.size > 2
 
-  def propose(self, model, mparams, state: DecodeState, sampling, key):
-    M_Vxk = state.method_state
+  @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    return draft_sizing.prefix_sizes(self.tree.size) if self._sized else (self.tree.size,)
+
+  @cached_property
+  def _table(self):
+    prior = tree_templates.PRIOR_SLOT_ACCEPT
+    return draft_sizing.expected_table(self.tree.parents, [0.0] + [prior[c] for c in self.slots[1:]])
+
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
+    return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
+                          sizing=draft_sizing.init_stats())
+
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
+    M_Vxk = state.method_state.M_Vxk
     tree = self.tree
     parents, slots, depth = np.asarray(tree.parents), self.slots, tree.depth
     B = state.batch_size
@@ -84,9 +119,24 @@ class TokenRecycling(Method):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
       toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
-    return Draft(tokens=toks, valid=jnp.ones((B, tree.size), bool)), M_Vxk
+    valid = jnp.ones((B, tree.size), bool)
+    if self._sized:
+      if self.cost is None:
+        raise InvalidOptionError("recycling: adaptive sizes need `cost`; resolve the method against a "
+                                 "model first (generate does this)")
+      size = draft_sizing.best_size(state.method_state.sizing, self._table, self.forward_sizes, self.cost)
+      valid = jnp.broadcast_to(jnp.arange(tree.size)[None, :] < size, (B, tree.size))
+    return Draft(tokens=toks, valid=valid), state.method_state
 
-  def update(self, M_Vxk, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
+  def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
+    """M[token] <- top-k of the logits at every verified node (nodes past the step's forward
+    size were not computed: their rows stay)."""
     T = self.tree.size
+    V = mstate.M_Vxk.shape[0]
     top_BxTxk = jax.lax.top_k(logits_BxTxV[:, :T], self.k)[1].astype(jnp.int32)
-    return M_Vxk.at[draft.tokens[:, :T].reshape(-1)].set(top_BxTxk.reshape(-1, self.k))
+    rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
+    M_Vxk = mstate.M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, self.k), mode="drop")
+    sizing = mstate.sizing
+    if self._sized:
+      sizing = draft_sizing.observe(sizing, self._table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0)
+    return RecyclingState(M_Vxk=M_Vxk, sizing=sizing)

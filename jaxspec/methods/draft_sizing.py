@@ -1,0 +1,84 @@
+"""Pay per draft: pick each step's draft size by expected tokens per second.
+
+A method whose draft is a chain or tree may verify any prefix of its node list (nodes are
+ordered parents first, most probable first, so every prefix is a tree) and runs one of a few
+forward sizes (`prefix_sizes`; 1 = no draft). For a prefix of n nodes:
+
+    expected tokens/s(n) = (1 + E_n(g)) / time(n)
+
+`E_n(g)` is the expected number of accepted drafts when the first n nodes are verified and each
+node's prior acceptance (given its parent was accepted) is scaled by g. The scale g is learned
+online per generation: the g whose predictions best fit the accepted counts seen so far
+(squared error, exponentially forgotten, plus a fixed pull towards g = 1, so a generation that
+stops drafting returns to the prior and tries again). `time` is the device's measured forward
+time relative to one token (`jaxspec.profiling.forward_time_curve`). PPD picks its tree the same
+way. The choice changes only how many nodes are verified, never which are accepted: outputs
+stay those of the verifier (lossless).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+SCALES = np.linspace(0.1, 2.0, 39)  # the grid of acceptance scales g
+PRIOR_WEIGHT = 1.0  # pseudo-observations at g = 1 (not forgotten)
+DECAY = 0.97  # per step: ~33 steps of memory
+MAX_ACCEPT = 0.97
+
+
+def prefix_sizes(num_nodes: int, want: int = 3) -> tuple[int, ...]:
+  """Up to `want` forward sizes: 1 (no draft), the whole draft and evenly spaced ones between."""
+  return tuple(sorted({int(round(1 + (num_nodes - 1) * i / (want - 1))) for i in range(want)}))
+
+
+def expected_table(parents, node_accept) -> np.ndarray:
+  """[T + 1, G] E_n(g): expected accepted drafts verifying the first n nodes (n = 0..T; n <= 1:
+  none) when node i is accepted with probability min(MAX_ACCEPT, g * node_accept[i]) given its
+  parent was. Static per method configuration."""
+  T = len(parents)
+  a = np.minimum(MAX_ACCEPT, np.asarray(node_accept, np.float64)[None, :] * SCALES[:, None])  # [G, T]
+  reach = np.ones_like(a)
+  for i in range(1, T):
+    reach[:, i] = reach[:, parents[i]] * a[:, i]
+  reach[:, 0] = 0.0  # the root is the pending token, not a draft
+  return np.concatenate([np.zeros((1, len(SCALES))), np.cumsum(reach.T, axis=0)]).astype(np.float32)
+
+
+@struct.dataclass
+class SizingStats:
+  err_G: jax.Array  # [G] float32: forgotten squared error of each scale's predictions
+
+
+def init_stats() -> SizingStats:
+  return SizingStats(err_G=jnp.zeros((len(SCALES),), jnp.float32))
+
+
+def _scale_index(stats: SizingStats, table) -> jax.Array:
+  prior = PRIOR_WEIGHT * (table[-1] - table[-1][int(np.argmin(np.abs(SCALES - 1.0)))]) ** 2
+  return jnp.argmin(stats.err_G + jnp.asarray(prior))
+
+
+def observe(stats: SizingStats, table, verified_B, accepted_B, active_B) -> SizingStats:
+  """Fold in one step: row b verified the first `verified[b]` nodes and accepted `accepted[b]` drafts."""
+  predicted_BxG = jnp.asarray(table)[verified_B]
+  err_B = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
+  return SizingStats(err_G=stats.err_G * DECAY + err_B.sum(0))
+
+
+def best_size(stats: SizingStats, table, sizes: tuple[int, ...], cost: tuple[float, ...]) -> jax.Array:
+  """Scalar: the forward size (one of `sizes`) with the highest expected tokens per second under
+  the learned scale. `cost[i]`: forward time of sizes[i] tokens relative to one token."""
+  g = _scale_index(stats, table)
+  expected = jnp.asarray(table)[jnp.asarray(sizes)][:, g]
+  rate = (1.0 + expected) / jnp.asarray(cost, jnp.float32)
+  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate)]
+
+
+def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
+  """Forward time of each size relative to one token, measured on this device (cached)."""
+  from jaxspec.profiling import forward_time_curve
+  curve = forward_time_curve(bundle, (1,) + tuple(sizes))
+  return tuple(curve[s] / curve[1] for s in sizes)

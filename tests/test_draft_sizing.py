@@ -1,0 +1,94 @@
+"""Pay per draft: each step runs the smallest forward that holds its draft (lax.switch over the
+method's forward sizes), pld picks its draft length by expected tokens/s; outputs stay AR's."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec
+from conftest import make_tiny_bundle
+from jaxspec.methods import draft_sizing
+from jaxspec.methods.prompt_lookup import PromptLookup
+from jaxspec.methods.speculative import draft_need
+from jaxspec.api import reset_method_memory
+from jaxspec.errors import InvalidOptionError
+
+# repetitive prompts (prompt lookup finds matches) and a ragged batch
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return make_tiny_bundle(seed=3)
+
+
+def test_draft_need_is_the_last_valid_node_of_any_row():
+  valid = jnp.asarray([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], bool)
+  assert int(draft_need(valid)) == 3
+  assert int(draft_need(valid[:1])) == 1
+
+
+def test_prefix_sizes_and_expected_table():
+  assert draft_sizing.prefix_sizes(9) == (1, 5, 9) and draft_sizing.prefix_sizes(2) == (1, 2)
+  # a root with two children (0.5, 0.2), the first with a child (0.5): E by prefix at g = 1
+  table = draft_sizing.expected_table((-1, 0, 0, 1), [0.0, 0.5, 0.2, 0.5])
+  g1 = int(np.argmin(np.abs(draft_sizing.SCALES - 1.0)))
+  np.testing.assert_allclose(table[:, g1], [0, 0, 0.5, 0.7, 0.95], rtol=1e-6)
+  assert np.all(np.diff(table[-1]) >= 0)  # a larger scale never predicts fewer accepted tokens
+
+
+def test_best_size_follows_cost_and_learned_acceptance():
+  table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)  # chain of 4 drafts
+  sizes, stats = (1, 3, 5), draft_sizing.init_stats()
+  assert int(draft_sizing.best_size(stats, table, sizes, (1.0, 1.0, 1.0))) == 5  # free tokens: draft all
+  assert int(draft_sizing.best_size(stats, table, sizes, (1.0, 3.0, 5.0))) == 1  # cost per token: no draft
+  good = bad = stats
+  one = jnp.asarray([True])
+  for _ in range(30):  # every draft accepted / none accepted
+    good = draft_sizing.observe(good, table, jnp.asarray([5]), jnp.asarray([4]), one)
+    bad = draft_sizing.observe(bad, table, jnp.asarray([5]), jnp.asarray([0]), one)
+  cost = (1.0, 1.8, 2.4)
+  assert int(draft_sizing.best_size(stats, table, sizes, cost)) == 1  # the prior alone does not pay here
+  assert int(draft_sizing.best_size(good, table, sizes, cost)) == 5
+  assert int(draft_sizing.best_size(bad, table, sizes, (1.0, 1.2, 1.4))) == 1
+  # forgetting: steps that verify nothing carry no information; the prior comes back
+  for _ in range(300):
+    bad = draft_sizing.observe(bad, table, jnp.asarray([1]), jnp.asarray([0]), one)
+  assert int(draft_sizing.best_size(bad, table, sizes, (1.0, 1.2, 1.4))) > 1
+
+
+@pytest.mark.parametrize("cost,expect", [((1.0, 1.0, 1.0), "drafts"), ((1.0, 50.0, 90.0), "never")])
+def test_per_step_sizes_keep_greedy_output_and_pay_only_for_the_draft(tiny, cost, expect):
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  full = jaxspec.generate(tiny, PROMPTS, PromptLookup(k=4, adaptive=False), max_new_tokens=24)
+  got = jaxspec.generate(tiny, PROMPTS, PromptLookup(k=4, sizes=(1, 3, 5), cost=cost), max_new_tokens=24)
+  assert got.token_ids == full.token_ids == want.token_ids
+  assert full.stats.forward_tokens == 5 * full.stats.steps  # fixed size: every step pays k + 1
+  if expect == "never":  # drafting never pays: every step is a 1-token forward, exactly AR's steps
+    assert got.stats.forward_tokens == got.stats.steps == want.stats.steps
+  else:  # drafts where matches exist, 1-token forwards where no row has one
+    assert got.stats.tokens_per_forward > 1.0
+    assert got.stats.steps < got.stats.forward_tokens < 5 * got.stats.steps
+
+
+def test_resolved_cost_comes_from_the_measured_curve(tiny):
+  m = PromptLookup(k=4).resolve(tiny)
+  assert m.sizes == (1, 3, 5) and len(m.cost) == 3 and m.cost[0] == 1.0 and all(c > 0 for c in m.cost)
+  assert PromptLookup(k=4, adaptive=False).forward_sizes == (5,)
+  assert PromptLookup(k=5, sizes="1/6").sizes == (1, 6)
+  with pytest.raises(InvalidOptionError, match="end at k"):
+    PromptLookup(k=4, sizes=(1, 3))
+  with pytest.raises(InvalidOptionError, match="1/3/6"):
+    PromptLookup(k=4, sizes="1,x")
+
+
+def test_recycling_verifies_the_template_prefix_that_pays(tiny):
+  from jaxspec.methods.token_recycling import TokenRecycling
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  for cost, size in [((1.0, 1.0, 5.0), 5), ((1.0, 50.0, 90.0), 1), ((1.0, 1.0, 1.0), 9)]:
+    m = TokenRecycling(template="small", cost=cost)
+    assert m.forward_sizes == (1, 5, 9)
+    reset_method_memory(tiny, "recycling")
+    got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
+    assert got.token_ids == want.token_ids, cost
+    assert got.stats.forward_tokens == size * got.stats.steps, cost
