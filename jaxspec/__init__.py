@@ -12,7 +12,7 @@ _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxspec.api import GenerateResult, GenerateStats, encode_prompts, generate, stream
 from jaxspec.engine import init_state, plan_sizes, prefill, run_steps
-from jaxspec.errors import (ChecksumError, InvalidOptionError, JaxspecError, ModelFolderError,
+from jaxspec.errors import (ChecksumError, HeadsFileError, InvalidOptionError, JaxspecError, ModelFolderError,
                             ModelNotFoundError, PromptTooLongError, UnknownMethodError)
 from jaxspec.methods import METHODS, get_method
 from jaxspec.models.bundle import ModelBundle, load_model
@@ -21,7 +21,7 @@ from jaxspec.sampling import SamplingConfig, sample_tokens, target_logprobs
 load = load_model
 
 __all__ = [
-    "ChecksumError", "GenerateResult", "GenerateStats", "InvalidOptionError", "JaxspecError", "METHODS",
+    "ChecksumError", "GenerateResult", "HeadsFileError", "GenerateStats", "InvalidOptionError", "JaxspecError", "METHODS",
     "ModelBundle", "ModelFolderError", "ModelNotFoundError", "PromptTooLongError", "SamplingConfig",
     "UnknownMethodError", "encode_prompts", "generate", "get_method", "init_state", "load", "load_model",
     "plan_sizes", "prefill", "run_steps", "sample_tokens", "stream", "target_logprobs",

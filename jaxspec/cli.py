@@ -1,4 +1,5 @@
-"""Command line: `jaxspec generate|pull|models`. User errors print one line and exit 2."""
+"""Command line: `jaxspec generate|pull|models|bench|distill|train`. User errors print one line
+and exit 2."""
 
 from __future__ import annotations
 
@@ -107,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--force", action="store_true", help="fetch and convert again (e.g. a corrupted cached copy)")
   sub.add_parser("models", help="list packaged models and decoding methods")
   from jaxspec.bench import add_bench_parser
+  from jaxspec.train_cli import add_train_parsers
   add_bench_parser(sub)
+  add_train_parsers(sub)
   return parser
 
 
@@ -119,7 +122,7 @@ def main(argv=None) -> int:
       return _generate(args)
     if args.command == "pull":
       return _pull(args)
-    if args.command == "bench":
+    if args.command in ("bench", "distill", "train"):
       return args.func(args)
     return _models(args)
   except JaxspecError as e:

@@ -27,3 +27,7 @@ class UnknownMethodError(JaxspecError):
 
 class InvalidOptionError(JaxspecError):
   """A decoding or sampling option has an invalid value."""
+
+
+class HeadsFileError(JaxspecError):
+  """A trained heads/adapters file is missing, corrupted, or made for another base model."""

@@ -92,6 +92,7 @@ class Draft:
   tokens: jax.Array  # [B, T] int32; column 0 is the pending token
   valid: jax.Array  # [B, T] bool; invalid nodes are never accepted (ragged drafts)
   q_probs: Optional[jax.Array] = None  # [B, T, V] distribution node i was drawn from; None = deterministic
+  context: Optional[jax.Array] = None  # [B] int32: the proposer's draft context, for its own update
 
 
 @struct.dataclass

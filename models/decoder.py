@@ -6,7 +6,7 @@ Every parameter carries logical axis names (`logical_axes` metadata) for jaxspec
 The forward implements the one forward contract, for decoding and for training:
   logits, hidden, cache = model(cache, tokens[B,T], positions[B,T], mask[T,T] or [B,T,T],
                                 capture=(), logits_index_BxN=None, attn_impl="auto",
-                                num_layers=None, edit=None)
+                                num_layers=None, edit=None, start_layer=0, inputs_BxTxE=None)
 With a cache, new K/V go to scratch slots after each row's committed prefix (`cache.lengths` is
 unchanged) and the tokens attend to that prefix plus what `mask` allows among them. With
 cache=None it is plain masked attention over the given tokens (differentiable, what trainers
@@ -145,6 +145,8 @@ class Decoder(nnx.Module):
       attn_impl: str = "auto",
       num_layers: int | None = None,
       edit: Callable[[int, jax.Array], jax.Array] | None = None,
+      start_layer: int = 0,
+      inputs_BxTxE: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[int, jax.Array], KVCache | None]:
     """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
     `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
@@ -154,13 +156,18 @@ class Decoder(nnx.Module):
     only the first blocks before the final norm and LM head (early exit: a self-drafter).
     `edit(i, x_BxTxE) -> x_BxTxE` rewrites the residual stream after block i (e.g. pseudo
     states written at layer t, then run through layers t+1..L); captures see the edited stream.
+    `start_layer` > 0 with `inputs_BxTxE` (the residual stream entering that block; `tokens` is
+    then unused and may be None) runs only blocks start_layer.. (a partial pass: pseudo states
+    through the upper layers); the cache's K/V of the skipped blocks are left as they are.
     """
     c = self.config
-    B, T = tokens_BxT.shape
+    B, T = positions_BxT.shape
     capture = {l % c.num_layers for l in capture}
     if tree_mask_TxT is None:
       tree_mask_TxT = jnp.tril(jnp.ones((T, T), bool))
-    x = self.embed_VxE[...][tokens_BxT]
+    if (inputs_BxTxE is None) != (start_layer == 0):
+      raise ValueError("inputs_BxTxE is given exactly when start_layer > 0")
+    x = self.embed_VxE[...][tokens_BxT] if inputs_BxTxE is None else inputs_BxTxE
     cos, sin = rope_cos_sin(positions_BxT, c.head_dim, c.rope_theta)
     L = len(self.blocks)
     ks, vs = (list(cache.k), list(cache.v)) if cache is not None else ([None] * L, [None] * L)
@@ -169,6 +176,8 @@ class Decoder(nnx.Module):
     for i, block in enumerate(self.blocks):
       if num_layers is not None and i >= num_layers:
         break
+      if i < start_layer:
+        continue
       x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl)
       if edit is not None:
         x = edit(i, x)

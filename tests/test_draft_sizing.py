@@ -37,24 +37,28 @@ def test_prefix_sizes_and_expected_table():
   assert np.all(np.diff(table[-1]) >= 0)  # a larger scale never predicts fewer accepted tokens
 
 
+def best(stats, table, sizes, cost):
+  return int(draft_sizing.best_sizes(stats, table, sizes, cost, jnp.zeros((1,), jnp.int32))[0])
+
+
 def test_best_size_follows_cost_and_learned_acceptance():
   table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)  # chain of 4 drafts
   sizes, stats = (1, 3, 5), draft_sizing.init_stats()
-  assert int(draft_sizing.best_size(stats, table, sizes, (1.0, 1.0, 1.0))) == 5  # free tokens: draft all
-  assert int(draft_sizing.best_size(stats, table, sizes, (1.0, 3.0, 5.0))) == 1  # cost per token: no draft
+  assert best(stats, table, sizes, (1.0, 1.0, 1.0)) == 5  # free tokens: draft all
+  assert best(stats, table, sizes, (1.0, 3.0, 5.0)) == 1  # cost per token: no draft
   good = bad = stats
   one = jnp.asarray([True])
   for _ in range(30):  # every draft accepted / none accepted
     good = draft_sizing.observe(good, table, jnp.asarray([5]), jnp.asarray([4]), one)
     bad = draft_sizing.observe(bad, table, jnp.asarray([5]), jnp.asarray([0]), one)
   cost = (1.0, 1.8, 2.4)
-  assert int(draft_sizing.best_size(stats, table, sizes, cost)) == 1  # the prior alone does not pay here
-  assert int(draft_sizing.best_size(good, table, sizes, cost)) == 5
-  assert int(draft_sizing.best_size(bad, table, sizes, (1.0, 1.2, 1.4))) == 1
+  assert best(stats, table, sizes, cost) == 1  # the prior alone does not pay here
+  assert best(good, table, sizes, cost) == 5
+  assert best(bad, table, sizes, (1.0, 1.2, 1.4)) == 1
   # forgetting: steps that verify nothing carry no information; the prior comes back
   for _ in range(300):
     bad = draft_sizing.observe(bad, table, jnp.asarray([1]), jnp.asarray([0]), one)
-  assert int(draft_sizing.best_size(bad, table, sizes, (1.0, 1.2, 1.4))) > 1
+  assert best(bad, table, sizes, (1.0, 1.2, 1.4)) > 1
 
 
 @pytest.mark.parametrize("cost,expect", [((1.0, 1.0, 1.0), "drafts"), ((1.0, 50.0, 90.0), "never")])
@@ -92,3 +96,13 @@ def test_recycling_verifies_the_template_prefix_that_pays(tiny):
     got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
     assert got.token_ids == want.token_ids, cost
     assert got.stats.forward_tokens == size * got.stats.steps, cost
+
+
+def test_contexts_learn_apart_and_rows_pick_their_own_size():
+  table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)
+  stats = draft_sizing.init_stats(contexts=2)
+  rows = jnp.asarray([True, True])
+  for _ in range(30):  # context 1 (say, a long n-gram match) is always accepted, context 0 never
+    stats = draft_sizing.observe(stats, table, jnp.asarray([5, 5]), jnp.asarray([0, 4]), rows, jnp.asarray([0, 1]))
+  sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), (1.0, 1.8, 2.4), jnp.asarray([0, 1, 1, 0]))
+  assert sizes.tolist() == [1, 5, 5, 1]

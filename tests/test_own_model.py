@@ -3,7 +3,10 @@ the forward contract decodes with every registered method, with the same greedy 
 own AR. The contract (README, models/decoder.py):
 
     logits, hidden, cache = model(cache, tokens_BxT, positions_BxT, tree_mask_TxT, capture=(),
-                                  logits_index_BxN=None, attn_impl="auto", num_layers=None)
+                                  logits_index_BxN=None, attn_impl="auto", num_layers=None,
+                                  start_layer=0, inputs_BxTxE=None)
+
+(`start_layer`/`inputs_BxTxE`, a partial pass through the upper layers, only hidden_transfer uses.)
 """
 
 import jax
@@ -12,14 +15,15 @@ import pytest
 from flax import nnx
 
 import jaxspec
-from conftest import ToyTokenizer
+from conftest import ToyTokenizer, random_heads_folder
 from jaxspec.kernels import tree_attention
 from jaxspec.models.bundle import ModelBundle
 from jaxspec.models.config import ModelConfig
 from jaxspec.models.kv_cache import write_scratch
 
 OPTIONS = {"ar": {}, "pld": dict(k=3), "recycling": dict(template="small"), "draft": dict(k=2),
-           "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4)}
+           "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
+           "hidden_transfer": dict(nodes=6)}  # + random heads, made per test
 
 
 class TinyLM(nnx.Module):
@@ -35,14 +39,16 @@ class TinyLM(nnx.Module):
                             for _ in range(c.num_layers)])
 
   def __call__(self, cache, tokens_BxT, positions_BxT, tree_mask_TxT, capture=(), logits_index_BxN=None,
-               attn_impl="auto", num_layers=None):
+               attn_impl="auto", num_layers=None, start_layer=0, inputs_BxTxE=None):
     c = self.config
-    B, T = tokens_BxT.shape
-    x = self.tok_VxE[...][tokens_BxT] + self.pos_PxE[...][positions_BxT]
+    B, T = positions_BxT.shape
+    x = inputs_BxTxE if inputs_BxTxE is not None else self.tok_VxE[...][tokens_BxT] + self.pos_PxE[...][positions_BxT]
     ks, vs, hidden = list(cache.k), list(cache.v), {}
     for i, layer in enumerate(self.layers):
       if num_layers is not None and i >= num_layers:
         break
+      if i < start_layer:
+        continue
       q = (x @ layer["q"][...]).reshape(B, T, c.num_heads, c.head_dim)
       k = (x @ layer["k"][...]).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
       v = (x @ layer["v"][...]).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
@@ -75,8 +81,11 @@ def test_every_method_is_listed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(OPTIONS))
-def test_own_model_decodes_like_its_own_ar(own_bundle, method):
+def test_own_model_decodes_like_its_own_ar(own_bundle, method, tmp_path):
   want = jaxspec.generate(own_bundle, PROMPTS, max_new_tokens=20).token_ids
   assert all(len(r) == 20 for r in want)
-  got = jaxspec.generate(own_bundle, PROMPTS, method=method, method_options=OPTIONS[method], max_new_tokens=20)
+  opts = dict(OPTIONS[method])
+  if method == "hidden_transfer":
+    opts["heads"] = str(random_heads_folder(own_bundle, tmp_path / "heads", k=3, layer=2))
+  got = jaxspec.generate(own_bundle, PROMPTS, method=method, method_options=opts, max_new_tokens=20)
   assert got.token_ids == want, method

@@ -11,7 +11,7 @@ def _lookup(rows, k, max_ngram=3, min_ngram=1, width=16):
   toks = np.zeros((len(rows), width), np.int32)
   for b, r in enumerate(rows):
     toks[b, :len(r)] = r
-  draft, valid = lookup_continuation(jnp.asarray(toks), jnp.asarray([len(r) for r in rows], jnp.int32), k,
+  draft, valid, _ = lookup_continuation(jnp.asarray(toks), jnp.asarray([len(r) for r in rows], jnp.int32), k,
                                      max_ngram, min_ngram)
   return [[int(t) for t, v in zip(d, ok) if v] for d, ok in zip(np.asarray(draft), np.asarray(valid))]
 

@@ -129,13 +129,18 @@ def _expected_specs(name: str, d: int, m: int) -> dict:
 # Every registered method with pinned options (recycling's default template="auto" would pick
 # its tree from timings measured under load, so the configuration under test would vary).
 METHOD_OPTIONS = {"ar": {}, "pld": dict(k=4), "recycling": dict(template="small"), "draft": dict(k=3),
-                  "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4)}
+                  "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
+                  "hidden_transfer": dict(nodes=6, cost=(1.0, 1.0, 1.0))}  # + random heads of the bundle
 ALL_METHODS_MESHES = ((2, 4), (4, 2))  # attention split over model=4 / model=2; AR alone on 1x8 and 8x1
 
 
 def _generate(bundle, method: str):
-  return jaxspec.generate(bundle, PROMPTS, method, method_options=METHOD_OPTIONS[method],
-                          max_new_tokens=NEW_TOKENS).token_ids
+  opts = dict(METHOD_OPTIONS[method])
+  if method == "hidden_transfer":  # random heads (same seed: the same heads in every process)
+    import tempfile
+    from conftest import random_heads_folder
+    opts["heads"] = str(random_heads_folder(bundle, Path(tempfile.mkdtemp()) / "heads", k=3, layer=1))
+  return jaxspec.generate(bundle, PROMPTS, method, method_options=opts, max_new_tokens=NEW_TOKENS).token_ids
 
 
 def _methods_for(name: str, mesh: tuple[int, int] | None = None) -> list[str]:

@@ -10,6 +10,7 @@ import re
 from jaxspec.errors import InvalidOptionError, UnknownMethodError
 from jaxspec.methods.ar import AR
 from jaxspec.methods.draft_model import DraftModelSpeculation
+from jaxspec.methods.hidden_transfer import HiddenTransfer
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.methods.token_recycling import TokenRecycling
 from jaxspec.methods.jacobi import Jacobi
@@ -20,6 +21,7 @@ METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling, "draft": 
 METHODS["jacobi"] = Jacobi
 METHODS["lookahead"] = Lookahead
 METHODS["sjd"] = SJD
+METHODS["hidden_transfer"] = HiddenTransfer
 
 
 def get_method(name: str, **options):

@@ -8,9 +8,11 @@ forward sizes (`prefix_sizes`; 1 = no draft). For a prefix of n nodes:
 
 `E_n(g)` is the expected number of accepted drafts when the first n nodes are verified and each
 node's prior acceptance (given its parent was accepted) is scaled by g. The scale g is learned
-online per generation: the g whose predictions best fit the accepted counts seen so far
+online per generation and per draft context (e.g. how long an n-gram matched for prompt
+lookup): the g whose predictions best fit the accepted counts seen so far in that context
 (squared error, exponentially forgotten, plus a fixed pull towards g = 1, so a generation that
-stops drafting returns to the prior and tries again). `time` is the device's measured forward
+stops drafting returns to the prior and tries again). Each row picks its own size; the step runs
+the largest any row needs. `time` is the device's measured forward
 time relative to one token (`jaxspec.profiling.forward_time_curve`). PPD picks its tree the same
 way. The choice changes only how many nodes are verified, never which are accepted: outputs
 stay those of the verifier (lossless).
@@ -49,32 +51,35 @@ def expected_table(parents, node_accept) -> np.ndarray:
 
 @struct.dataclass
 class SizingStats:
-  err_G: jax.Array  # [G] float32: forgotten squared error of each scale's predictions
+  err_CxG: jax.Array  # [contexts, G] float32: forgotten squared error of each scale's predictions
 
 
-def init_stats() -> SizingStats:
-  return SizingStats(err_G=jnp.zeros((len(SCALES),), jnp.float32))
+def init_stats(contexts: int = 1) -> SizingStats:
+  return SizingStats(err_CxG=jnp.zeros((contexts, len(SCALES)), jnp.float32))
 
 
 def _scale_index(stats: SizingStats, table) -> jax.Array:
+  """[C] the best-fitting scale per context."""
   prior = PRIOR_WEIGHT * (table[-1] - table[-1][int(np.argmin(np.abs(SCALES - 1.0)))]) ** 2
-  return jnp.argmin(stats.err_G + jnp.asarray(prior))
+  return jnp.argmin(stats.err_CxG + jnp.asarray(prior)[None, :], axis=1)
 
 
-def observe(stats: SizingStats, table, verified_B, accepted_B, active_B) -> SizingStats:
-  """Fold in one step: row b verified the first `verified[b]` nodes and accepted `accepted[b]` drafts."""
+def observe(stats: SizingStats, table, verified_B, accepted_B, active_B, context_B=None) -> SizingStats:
+  """Fold in one step: row b (in draft context `context[b]`, default 0) verified the first
+  `verified[b]` nodes and accepted `accepted[b]` drafts."""
+  context_B = jnp.zeros_like(verified_B) if context_B is None else context_B
   predicted_BxG = jnp.asarray(table)[verified_B]
-  err_B = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
-  return SizingStats(err_G=stats.err_G * DECAY + err_B.sum(0))
+  err_BxG = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
+  return SizingStats(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
 
 
-def best_size(stats: SizingStats, table, sizes: tuple[int, ...], cost: tuple[float, ...]) -> jax.Array:
-  """Scalar: the forward size (one of `sizes`) with the highest expected tokens per second under
-  the learned scale. `cost[i]`: forward time of sizes[i] tokens relative to one token."""
-  g = _scale_index(stats, table)
-  expected = jnp.asarray(table)[jnp.asarray(sizes)][:, g]
-  rate = (1.0 + expected) / jnp.asarray(cost, jnp.float32)
-  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate)]
+def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost: tuple[float, ...], context_B) -> jax.Array:
+  """[B]: each row's forward size (one of `sizes`) with the highest expected tokens per second
+  under its context's learned scale. `cost[i]`: forward time of sizes[i] tokens relative to one."""
+  g_B = _scale_index(stats, table)[context_B]
+  expected_SxB = jnp.asarray(table)[jnp.asarray(sizes)][:, g_B]
+  rate_SxB = (1.0 + expected_SxB) / jnp.asarray(cost, jnp.float32)[:, None]
+  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate_SxB, axis=0)]
 
 
 def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:

@@ -20,11 +20,13 @@ from jaxspec.verify import Draft, TreeSpec
 def lookup_continuation(tokens_BxN, num_B, k: int, max_ngram: int, min_ngram: int):
   """For each row, the k tokens after the most recent earlier match of its last n tokens.
 
-  Returns (draft [B, k] int32, valid [B, k] bool). Longer n-grams win; no match -> all invalid.
+  Returns (draft [B, k] int32, valid [B, k] bool, matched n [B] int32: 0 = no match). Longer
+  n-grams win; no match -> all invalid.
   """
   B, N = tokens_BxN.shape
   j_N = jnp.arange(N, dtype=jnp.int32)
   best_start = jnp.full((B,), -1, jnp.int32)  # index of the first continuation token
+  best_n = jnp.zeros((B,), jnp.int32)
   for n in range(max_ngram, min_ngram - 1, -1):
     match_BxN = jnp.ones((B, N), bool)
     for i in range(n):
@@ -34,11 +36,13 @@ def lookup_continuation(tokens_BxN, num_B, k: int, max_ngram: int, min_ngram: in
     # window j..j+n-1 must end before the tail starts being the tail itself, continuation j+n < num
     ok_BxN = match_BxN & (j_N[None, :] + n < num_B[:, None]) & (num_B[:, None] >= n + 1)
     start_B = jnp.max(jnp.where(ok_BxN, j_N[None, :] + n, -1), axis=1)
-    best_start = jnp.where((best_start < 0) & (start_B >= 0), start_B, best_start)
+    take = (best_start < 0) & (start_B >= 0)
+    best_start = jnp.where(take, start_B, best_start)
+    best_n = jnp.where(take, n, best_n)
   idx_Bxk = best_start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
   draft = jnp.take_along_axis(tokens_BxN, jnp.clip(idx_Bxk, 0, N - 1), axis=1)
   valid = (best_start[:, None] >= 0) & (idx_Bxk < num_B[:, None])
-  return draft.astype(jnp.int32), valid
+  return draft.astype(jnp.int32), valid, best_n
 
 
 def parse_sizes(sizes) -> tuple[int, ...]:
@@ -110,10 +114,10 @@ class PromptLookup(Method):
     return draft_sizing.expected_table(self.tree.parents, [0.0] + [PRIOR_ACCEPT] * self.k)
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
-    return draft_sizing.init_stats() if self._sized else ()
+    return draft_sizing.init_stats(contexts=self.max_ngram + 1) if self._sized else ()  # context: matched n
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
-    cont, valid = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
+    cont, valid, ngram_B = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
     # a chain: once one draft is invalid, all after it are too
     valid = jnp.cumprod(valid.astype(jnp.int32), axis=1).astype(bool)
     tokens = jnp.concatenate([last_tokens(state)[:, None], cont], axis=1)
@@ -122,12 +126,12 @@ class PromptLookup(Method):
       if self.cost is None:
         raise InvalidOptionError("pld: adaptive sizes need `cost`; resolve the method against a model "
                                  "first (generate does this)")
-      size = draft_sizing.best_size(state.method_state, self._table, self.sizes, self.cost)
-      valid &= jnp.arange(self.k + 1)[None, :] < size
-    return Draft(tokens=tokens, valid=valid), state.method_state
+      size_B = draft_sizing.best_sizes(state.method_state, self._table, self.sizes, self.cost, ngram_B)
+      valid &= jnp.arange(self.k + 1)[None, :] < size_B[:, None]
+    return Draft(tokens=tokens, valid=valid, context=ngram_B), state.method_state
 
   def update(self, method_state, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     if not self._sized:
       return method_state
     verified_B = draft.valid.sum(axis=1)
-    return draft_sizing.observe(method_state, self._table, verified_B, verdict.n - 1, n_B > 0)
+    return draft_sizing.observe(method_state, self._table, verified_B, verdict.n - 1, n_B > 0, draft.context)

@@ -124,8 +124,9 @@ class TokenRecycling(Method):
       if self.cost is None:
         raise InvalidOptionError("recycling: adaptive sizes need `cost`; resolve the method against a "
                                  "model first (generate does this)")
-      size = draft_sizing.best_size(state.method_state.sizing, self._table, self.forward_sizes, self.cost)
-      valid = jnp.broadcast_to(jnp.arange(tree.size)[None, :] < size, (B, tree.size))
+      size_B = draft_sizing.best_sizes(state.method_state.sizing, self._table, self.forward_sizes, self.cost,
+                                       jnp.zeros((B,), jnp.int32))
+      valid = jnp.arange(tree.size)[None, :] < size_B[:, None]
     return Draft(tokens=toks, valid=valid), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):

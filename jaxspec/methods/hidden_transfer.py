@@ -1,0 +1,226 @@
+"""Hidden-transfer heads (Wu et al. 2024): trained linear maps turn the layer-t residual of the
+last accepted token into pseudo hidden states of the next k positions; those run through the
+upper blocks t..L-1 attending to the committed context, and the LM head turns them into
+drafts. The shared verifier checks the drafts, so the output is the base model's (greedy
+identical, sampling exact): the heads only decide how many tokens a step commits.
+
+Where drafting happens (the design question the paper leaves open; see experiments/NOTES.md):
+the verification forward of step s captures the layer-t residual of every tree node; the
+method keeps the accepted node's, and step s+1 begins with a partial pass of k pseudo tokens
+through blocks t..L-1 over the committed cache (`pseudo_logits`). With t near the top this
+costs a fraction of one forward; no full extra forward per step.
+
+Drafts form a Medusa-style tree: node (depth d, slot c) holds the c-th most likely token of
+offset d; the template keeps the most probable paths under the acceptance measured when the
+heads were trained, and with `adaptive` each step verifies the prefix of it that pays
+(jaxspec.methods.draft_sizing). The first step after the prompt has no accepted node yet: it is
+an AR step.
+
+Heads folder: `params.safetensors` (W_KxExE, b_KxE) + `meta.json` (jaxspec.heads_file), made
+by `jaxspec train hidden-transfer`. The package ships heads for its default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cached_property
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.decode_state import DecodeState, last_tokens
+from jaxspec.errors import HeadsFileError, InvalidOptionError
+from jaxspec.methods import draft_sizing, tree_templates
+from jaxspec.methods.base import Method
+from jaxspec.verify import Draft, TreeSpec
+
+KIND = "hidden_transfer_heads"
+PACKAGED = Path(__file__).resolve().parent.parent / "data" / "heads"  # <model name>/params.safetensors + meta.json
+
+
+def init_heads(key, k: int, embed_dim: int, noise: float = 1e-3) -> dict[str, jax.Array]:
+  """Heads that start as the identity (pseudo state = the anchor's state) plus small noise."""
+  eye = jnp.broadcast_to(jnp.eye(embed_dim, dtype=jnp.float32), (k, embed_dim, embed_dim))
+  return {"W_KxExE": eye + noise * jax.random.normal(key, (k, embed_dim, embed_dim)),
+          "b_KxE": jnp.zeros((k, embed_dim), jnp.float32)}
+
+
+def pseudo_states(heads, h_BxE: jax.Array) -> jax.Array:
+  """[B, k, E]: pseudo_i = h W_i + b_i."""
+  h = h_BxE.astype(jnp.float32)
+  return jnp.einsum("be,kef->bkf", h, heads["W_KxExE"]) + heads["b_KxE"][None]
+
+
+def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="auto") -> jax.Array:
+  """[B, k, V]: the pseudo states of the token after each row's committed prefix, through blocks
+  layer..L-1 at positions lengths + i (pseudo i stands at the i-th next position and predicts
+  the token after it), attending to the committed prefix (`cache.lengths`) and causally to each
+  other. The one drafting forward of decoding and of training."""
+  x_BxKxE = pseudo_states(heads, h_BxE)
+  B, k, _ = x_BxKxE.shape
+  positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
+  dtype = cache.k[layer].dtype  # the model's compute dtype
+  logits, _, _ = model(cache, None, positions, jnp.tril(jnp.ones((k, k), bool)), attn_impl=attn_impl,
+                       start_layer=layer, inputs_BxTxE=x_BxKxE.astype(dtype))
+  return logits
+
+
+def default_heads(model_name: str) -> Path:
+  path = PACKAGED / model_name
+  if not (path / "meta.json").is_file():
+    raise HeadsFileError(f"no packaged hidden-transfer heads for {model_name!r}; train them with "
+                         f"`jaxspec train hidden-transfer --model {model_name}` and pass "
+                         f"--method hidden_transfer:heads=DIR")
+  return path
+
+
+@struct.dataclass
+class HTState:
+  h_BxE: jax.Array  # layer-t residual of each row's last accepted token (f32)
+  has_h_B: jax.Array  # [B] bool: a step has run (the first decode step has no anchor yet)
+  sizing: draft_sizing.SizingStats
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenTransfer(Method):
+  """`heads`: a heads folder (default: the packaged heads of the model). `nodes`: verified tree
+  nodes (drafts, root excluded) or "auto" (picked from the measured forward times)."""
+
+  heads: str | None = None
+  nodes: int | str = 12
+  adaptive: bool = True
+  cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
+  # resolved from the heads' meta.json
+  layer: int = 0
+  k: int = 0
+  accept: tuple[tuple[float, ...], ...] = ()  # [offset][slot]: measured P(teacher argmax is slot c)
+  name = "hidden_transfer"
+
+  def __post_init__(self):
+    if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
+      raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
+
+  def _path(self, bundle) -> Path:
+    return Path(self.heads) if self.heads else default_heads(bundle.name)
+
+  def resolve(self, bundle) -> "HiddenTransfer":
+    from jaxspec.heads_file import read_meta
+    if self.k:
+      return self
+    path = self._path(bundle)
+    meta = read_meta(path)
+    if meta.get("kind") != KIND:
+      raise HeadsFileError(f"{path} holds {meta.get('kind')!r} parameters, not hidden-transfer heads")
+    accept = tuple(tuple(float(a) for a in row) for row in meta["eval"]["accept_by_offset_slot"])
+    m = dataclasses.replace(self, heads=str(path), layer=int(meta["layer"]), k=int(meta["k"]), accept=accept)
+    if not 1 <= m.layer < bundle.config.num_layers:
+      raise HeadsFileError(f"{path}: layer {m.layer} outside 1..{bundle.config.num_layers - 1}")
+    if m.nodes == "auto":
+      m = dataclasses.replace(m, nodes=m._pick_nodes(bundle))
+    if m._sized and m.cost is None:
+      m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
+    return m
+
+  def load_params(self, bundle):
+    """The heads (checked against the bundle's model), loaded once per bundle and path."""
+    from jaxspec.heads_file import load_params_file
+    key = (KIND, self.heads)
+    if key not in bundle.method_memory:
+      params, meta = load_params_file(self.heads, bundle, KIND)
+      if params["W_KxExE"].shape[0] != self.k:
+        raise HeadsFileError(f"{self.heads}: meta says k={self.k}, weights have {params['W_KxExE'].shape[0]}")
+      bundle.method_memory[key] = {n: jnp.asarray(v) for n, v in params.items()}
+    return bundle.method_memory[key]
+
+  # ---- the tree ------------------------------------------------------------------------
+
+  def _slot_prior(self) -> tuple[float, ...]:
+    return tuple(float(np.mean([row[c] for row in self.accept])) for c in range(len(self.accept[0])))
+
+  def _template(self, num_nodes: int):
+    return tree_templates.best_paths_template(num_nodes, self._slot_prior(), max_depth=self.k)
+
+  @cached_property
+  def _tree_and_slots(self):
+    if not self.k:
+      raise InvalidOptionError("hidden_transfer must be resolved against a model first (generate does this)")
+    return self._template(int(self.nodes))
+
+  def _pick_nodes(self, bundle) -> int:
+    """The template size with the best expected tokens/s on this device's forward-time curve."""
+    from jaxspec.profiling import forward_time_curve
+    options = (2, 4, 8, 12, 16, 24)
+    curve = forward_time_curve(bundle, [1] + [n + 1 for n in options])
+    rate = {n: (1 + self._expected(self._template(n))) / (curve[n + 1] / curve[1]) for n in options}
+    return max(rate, key=rate.get)
+
+  def _expected(self, tree_slots) -> float:
+    tree, slots = tree_slots
+    node_accept = self._node_accept(tree, slots)
+    reach = np.ones(tree.size)
+    for i in range(1, tree.size):
+      reach[i] = reach[tree.parents[i]] * node_accept[i]
+    return float(reach[1:].sum())
+
+  def _node_accept(self, tree, slots) -> list[float]:
+    depth = tree.depth
+    return [0.0] + [self.accept[depth[i] - 1][slots[i]] for i in range(1, tree.size)]
+
+  @property
+  def tree(self) -> TreeSpec:
+    return self._tree_and_slots[0]
+
+  @property
+  def capture(self) -> tuple[int, ...]:
+    return (self.layer - 1,)
+
+  @property
+  def _sized(self) -> bool:
+    return self.adaptive and self.tree.size > 2
+
+  @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    return draft_sizing.prefix_sizes(self.tree.size) if self._sized else (self.tree.size,)
+
+  @cached_property
+  def _table(self):
+    tree, slots = self._tree_and_slots
+    return draft_sizing.expected_table(tree.parents, self._node_accept(tree, slots))
+
+  # ---- state and step ------------------------------------------------------------------
+
+  def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
+    return HTState(h_BxE=jnp.zeros((batch_size, config.embed_dim), jnp.float32),
+                   has_h_B=jnp.zeros((batch_size,), bool), sizing=draft_sizing.init_stats())
+
+  def method_state_axes(self, method_state):
+    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)))
+
+  def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
+    ms: HTState = state.method_state
+    tree, slots = self._tree_and_slots
+    B, T = state.batch_size, tree.size
+    m = int(max(slots[1:])) + 1 if T > 1 else 1
+    logits_BxKxV = pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl)
+    top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
+    depth = tree.depth
+    node_tok = top_BxKxM[:, np.maximum(depth - 1, 0), np.maximum(np.asarray(slots), 0)]  # [B, T]
+    tokens = node_tok.at[:, 0].set(last_tokens(state))
+    valid = (jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None]
+    if self._sized:
+      size_B = draft_sizing.best_sizes(ms.sizing, self._table, self.forward_sizes, self.cost, jnp.zeros((B,), jnp.int32))
+      valid &= jnp.arange(T)[None, :] < size_B[:, None]
+    return Draft(tokens=tokens, valid=valid), ms
+
+  def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
+    """Keep the layer-t residual of each row's last accepted node: the next step's anchor."""
+    last_B = jnp.take_along_axis(verdict.path, jnp.maximum(verdict.n - 1, 0)[:, None], axis=1)[:, 0]
+    h_BxE = jnp.take_along_axis(hidden[self.layer - 1], last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    active = n_B > 0
+    sizing = ms.sizing
+    if self._sized:
+      sizing = draft_sizing.observe(sizing, self._table, draft.valid.sum(axis=1), verdict.n - 1, active)
+    return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active, sizing=sizing)

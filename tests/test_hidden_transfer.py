@@ -1,0 +1,87 @@
+"""Hidden-transfer heads on a tiny random model (seconds): training lowers the loss, the heads
+file is checked on load, and decoding with trained or random heads equals AR (greedy)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxspec
+from conftest import make_tiny_bundle, random_heads_folder
+from jaxspec.errors import HeadsFileError
+from jaxspec.heads_file import save_params_file
+from jaxspec.methods.hidden_transfer import HiddenTransfer
+from jaxspec.train import TrainConfig
+from jaxspec.train.hidden_transfer import build_store, train_heads
+
+LAYER, K = 1, 3
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4, 3, 4, 3], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return make_tiny_bundle(seed=5, layers=3)
+
+
+@pytest.fixture(scope="module")
+def store(tiny):
+  out = jaxspec.generate(tiny, PROMPTS * 4, "ar", max_new_tokens=24, temperature=1.0, seed=1)
+  seqs = [p + o for p, o in zip(PROMPTS * 4, out.token_ids)]
+  return build_store(tiny, seqs, LAYER, window=48, top_k=8, batch_size=4, progress=False)
+
+
+def _save_random_heads(folder, bundle, **overrides):
+  return random_heads_folder(bundle, folder, k=K, layer=LAYER, **overrides)
+
+
+def test_store_holds_what_training_needs(tiny, store):
+  N, S = store.tokens.shape
+  c = tiny.config
+  assert store.h.shape == (N, S, c.embed_dim) and store.k.shape == (N, c.num_layers - LAYER, c.num_kv_heads, S, c.head_dim)
+  assert store.top_ids.shape == (N, S, 8) and np.all(np.diff(store.top_logp, axis=-1) <= 1e-6)
+  a = store.anchors(K)
+  assert np.all(a.arrays["pos"] + K < store.lengths[a.arrays["seq"]])  # every target exists
+
+
+def test_training_lowers_the_kl_and_measures_acceptance(tiny, store, tmp_path):
+  cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=20, save_every=20, log_every=5)
+  heads, log, meta = train_heads(tiny, store, K, cfg, tmp_path / "run", progress=False)
+  evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+  assert evals[-1] < evals[0]
+  acc = np.asarray(meta["eval"]["accept_by_offset_slot"])
+  assert acc.shape == (K, 4) and np.all(acc.sum(axis=1) <= 1.0 + 1e-6)
+  folder = save_params_file(tmp_path / "heads", {n: np.asarray(v) for n, v in heads.items()}, meta)
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)
+  got = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), nodes=6, cost=(1.0, 1.0, 1.0)),
+                         max_new_tokens=20)
+  assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2)])
+def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)
+  got = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), **opts), max_new_tokens=20)
+  assert got.token_ids == want.token_ids
+  assert got.stats.steps <= want.stats.steps
+
+
+def test_bad_heads_files_are_clear_errors(tiny, tmp_path):
+  with pytest.raises(HeadsFileError, match="not a trained-parameters folder"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(tmp_path / "none")), max_new_tokens=4)
+  other = _save_random_heads(tmp_path / "other", tiny, base_fingerprint="0123456789abcdef")
+  with pytest.raises(HeadsFileError, match="trained for base model"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(other)), max_new_tokens=4)
+  vocab = _save_random_heads(tmp_path / "vocab", tiny, vocab_size=999)
+  with pytest.raises(HeadsFileError, match="vocab 999"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(vocab)), max_new_tokens=4)
+  bad = _save_random_heads(tmp_path / "bad", tiny)
+  data = bytearray((bad / "params.safetensors").read_bytes())
+  data[-5] ^= 0xFF
+  (bad / "params.safetensors").write_bytes(bytes(data))
+  with pytest.raises(HeadsFileError, match="does not match the sha256"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(bad)), max_new_tokens=4)
+  with pytest.raises(HeadsFileError, match="no packaged hidden-transfer heads"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(), max_new_tokens=4)
