@@ -92,14 +92,15 @@ def prefill(params, state: DecodeState, mparams=None, *, graphdef, prompt_len: i
   prompt_BxP = state.tokens[:, :prompt_len]
   positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (B, prompt_len))
   causal_PxP = jnp.tril(jnp.ones((prompt_len, prompt_len), bool))
-  logits_Bx1xV, _, cache = model(state.cache, prompt_BxP, positions_BxP, causal_PxP,
-                                 logits_index_BxN=(state.prompt_lens - 1)[:, None], attn_impl=attn_impl)
+  logits_Bx1xV, hidden, cache = model(state.cache, prompt_BxP, positions_BxP, causal_PxP,
+                                      capture=method.capture if method is not None else (),
+                                      logits_index_BxN=(state.prompt_lens - 1)[:, None], attn_impl=attn_impl)
   key, sub = jax.random.split(state.key)
   first_B = sample_tokens(logits_Bx1xV[:, 0], sub, sampling)
   state, _ = append_tokens(state.replace(key=key), first_B[:, None], jnp.ones((B,), jnp.int32), eos_ids)
   state = state.replace(cache=advance(cache, state.prompt_lens))
   if method is not None:
-    state = state.replace(method_state=method.prefill(model, mparams, state, prompt_len, attn_impl))
+    state = state.replace(method_state=method.prefill(model, mparams, state, prompt_len, attn_impl, hidden))
   return pin_state(state, layout, method)
 
 

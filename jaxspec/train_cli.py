@@ -44,7 +44,8 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--eval-every", type=int, default=250)
   h.add_argument("--save-every", type=int, default=250)
   h.add_argument("--seed", type=int, default=0)
-  h.add_argument("--workdir", default=None, help="checkpoints, log, curve, teacher store (default: OUT.work)")
+  h.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work); the teacher "
+                                                 "store is kept in the --data folder")
   h.add_argument("--out", required=True, help="heads folder to write (params.safetensors + meta.json)")
   h.set_defaults(func=_train_hidden_transfer)
 
@@ -82,7 +83,7 @@ def _train_hidden_transfer(args) -> int:
     raise InvalidOptionError(f"{args.data} was distilled from {manifest['model']!r} ({manifest['model_fingerprint']}), "
                              f"not this {bundle.name!r}; distill with --model {args.model}")
   workdir = Path(args.workdir or f"{args.out}.work")
-  store = load_or_build_store(bundle, rows, args.layer, args.window, args.top_k, workdir)
+  store = load_or_build_store(bundle, rows, args.layer, args.window, args.top_k, args.data)  # shared by runs
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                     eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
   data_manifest = {**manifest, "sequences": len(rows), "window": args.window, "top_k": args.top_k}

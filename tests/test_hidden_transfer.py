@@ -51,7 +51,7 @@ def test_training_lowers_the_kl_and_measures_acceptance(tiny, store, tmp_path):
   evals = [r["eval_loss"] for r in log if "eval_loss" in r]
   assert evals[-1] < evals[0]
   acc = np.asarray(meta["eval"]["accept_by_offset_slot"])
-  assert acc.shape == (K, 4) and np.all(acc.sum(axis=1) <= 1.0 + 1e-6)
+  assert acc.shape == (K, 5) and np.all(acc.sum(axis=1) <= 1.0 + 1e-6)
   folder = save_params_file(tmp_path / "heads", {n: np.asarray(v) for n, v in heads.items()}, meta)
   want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)
   got = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), nodes=6, cost=(1.0, 1.0, 1.0)),

@@ -25,6 +25,8 @@ CONFIGS = [
     ("lookahead", dict(W=5, N=3, G=5)),
     ("sjd", dict(L=6)),  # temperature 0: greedy
     ("hidden_transfer", dict(nodes=12, heads="random")),  # random heads (made by the test): the verifier decides
+    ("hidden_transfer", {}),  # the packaged heads
+    ("auto", {}),
 ]
 
 

@@ -6,9 +6,11 @@ import dataclasses
 
 import pytest
 
+from jaxspec.methods.hidden_transfer import HiddenTransfer
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.sampling import SamplingConfig
 from jaxspec.verify import verify_stochastic
+from conftest import random_heads_folder
 from decoding_checks import exact_distribution, gof_pvalue, peaked_tiny_bundle, sample_counts
 
 SAMPLING = SamplingConfig(temperature=0.8, top_k=6)
@@ -34,6 +36,26 @@ def test_sampling_matches_ar_distribution(setup, method, opts):
   b, P = setup
   counts, _ = sample_counts(b, PROMPT, SAMPLING, method, opts)
   assert gof_pvalue(counts, P) > 1e-3
+
+
+@pytest.mark.slow  # end-to-end sampling, as above: drafts from heads that often match (identity-like)
+def test_hidden_transfer_sampling_matches_ar_distribution(setup, tmp_path):
+  b, P = setup
+  heads = random_heads_folder(b, tmp_path / "heads", k=2, layer=1, noise=0.05)
+  counts, stats = sample_counts(b, PROMPT, SAMPLING, "hidden_transfer", dict(heads=str(heads), nodes=4,
+                                                                            cost=(1.0, 1.0, 1.0)))
+  assert stats.tokens_per_forward > 1.0  # drafts were accepted: the tree path was exercised
+  assert gof_pvalue(counts, P) > 1e-3
+  # the same drafts under a wrong rule are caught
+  wrong = NaiveHiddenTransfer(heads=str(heads), nodes=4, cost=(1.0, 1.0, 1.0))
+  counts, _ = sample_counts(b, PROMPT, SAMPLING, wrong)
+  assert gof_pvalue(counts, P) < 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class NaiveHiddenTransfer(HiddenTransfer):
+  def verify(self, draft, logits_BxTxV, sampling, key):
+    return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from jaxspec.models.kv_cache import write_scratch
 
 OPTIONS = {"ar": {}, "pld": dict(k=3), "recycling": dict(template="small"), "draft": dict(k=2),
            "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
-           "hidden_transfer": dict(nodes=6)}  # + random heads, made per test
+           "hidden_transfer": dict(nodes=6), "auto": {}}  # hidden_transfer: + random heads, made per test
 
 
 class TinyLM(nnx.Module):

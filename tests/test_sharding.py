@@ -130,7 +130,8 @@ def _expected_specs(name: str, d: int, m: int) -> dict:
 # its tree from timings measured under load, so the configuration under test would vary).
 METHOD_OPTIONS = {"ar": {}, "pld": dict(k=4), "recycling": dict(template="small"), "draft": dict(k=3),
                   "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
-                  "hidden_transfer": dict(nodes=6, cost=(1.0, 1.0, 1.0))}  # + random heads of the bundle
+                  "hidden_transfer": dict(nodes=6, cost=(1.0, 1.0, 1.0)),  # + random heads of the bundle
+                  "auto": {}}
 ALL_METHODS_MESHES = ((2, 4), (4, 2))  # attention split over model=4 / model=2; AR alone on 1x8 and 8x1
 
 

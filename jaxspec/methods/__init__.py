@@ -9,6 +9,7 @@ import re
 
 from jaxspec.errors import InvalidOptionError, UnknownMethodError
 from jaxspec.methods.ar import AR
+from jaxspec.methods.auto import Auto
 from jaxspec.methods.draft_model import DraftModelSpeculation
 from jaxspec.methods.hidden_transfer import HiddenTransfer
 from jaxspec.methods.prompt_lookup import PromptLookup
@@ -22,6 +23,7 @@ METHODS["jacobi"] = Jacobi
 METHODS["lookahead"] = Lookahead
 METHODS["sjd"] = SJD
 METHODS["hidden_transfer"] = HiddenTransfer
+METHODS["auto"] = Auto
 
 
 def get_method(name: str, **options):

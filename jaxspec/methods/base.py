@@ -21,8 +21,10 @@ Hooks, all optional (the defaults do nothing):
 * `init_method_state(config, B, num_slots, dtype, mparams)` and `method_state_axes(mstate)`:
   the state carried between steps and its logical axes (None: replicated, KV caches inside
   sharded like the target's).
-* `has_prefill = True` with `prefill(model, mparams, state, prompt_len, attn_impl)`: a pass over
-  the prompt (a drafter's cache, an n-gram pool). Methods without one share a compiled prefill.
+* `has_prefill = True` with `prefill(model, mparams, state, prompt_len, attn_impl, hidden)`: sees
+  the prompt after its forward (`hidden`: the prompt's residuals [B, P, E] at the `capture`
+  layers), e.g. a drafter's cache, an n-gram pool, the last prompt token's state. Methods
+  without one share a compiled prefill.
 * `memory_key`: state kept across calls in `bundle.method_memory` (Token Recycling's matrix).
 * `observe(bundle, mean_accepted, steps)`: acceptance seen in a call, for methods that adapt.
 """
@@ -100,8 +102,9 @@ class Method:
   def method_state_axes(self, method_state):
     return None
 
-  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl: str):
-    """The method state after the prompt's forward (only called when `has_prefill`)."""
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
+    """The method state after the prompt's forward (only called when `has_prefill`); `hidden`:
+    {layer: [B, P, E]} residuals of the padded prompt at the method's `capture` layers."""
     return state.method_state
 
   def observe(self, bundle, mean_accepted: float, steps: int) -> None:

@@ -139,7 +139,7 @@ class DraftModelSpeculation(Method):
   def _drafter(self, mparams):
     return nnx.merge(self.drafter_graphdef, mparams)
 
-  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl: str):
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """The separate drafter reads the prompt into its own cache."""
     if self.is_self:
       return state.method_state

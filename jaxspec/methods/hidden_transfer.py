@@ -13,8 +13,8 @@ costs a fraction of one forward; no full extra forward per step.
 Drafts form a Medusa-style tree: node (depth d, slot c) holds the c-th most likely token of
 offset d; the template keeps the most probable paths under the acceptance measured when the
 heads were trained, and with `adaptive` each step verifies the prefix of it that pays
-(jaxspec.methods.draft_sizing). The first step after the prompt has no accepted node yet: it is
-an AR step.
+(jaxspec.methods.draft_sizing). The first step drafts from the last prompt token's residual,
+captured by the prompt's forward (the prefill hook).
 
 Heads folder: `params.safetensors` (W_KxExE, b_KxE) + `meta.json` (jaxspec.heads_file), made
 by `jaxspec train hidden-transfer`. The package ships heads for its default model.
@@ -80,7 +80,7 @@ def default_heads(model_name: str) -> Path:
 @struct.dataclass
 class HTState:
   h_BxE: jax.Array  # layer-t residual of each row's last accepted token (f32)
-  has_h_B: jax.Array  # [B] bool: a step has run (the first decode step has no anchor yet)
+  has_h_B: jax.Array  # [B] bool: the row has an anchor (set by prefill)
   sizing: draft_sizing.SizingStats
 
 
@@ -98,6 +98,7 @@ class HiddenTransfer(Method):
   k: int = 0
   accept: tuple[tuple[float, ...], ...] = ()  # [offset][slot]: measured P(teacher argmax is slot c)
   name = "hidden_transfer"
+  has_prefill = True
 
   def __post_init__(self):
     if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
@@ -198,6 +199,12 @@ class HiddenTransfer(Method):
 
   def method_state_axes(self, method_state):
     return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)))
+
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
+    """The first anchor: the last prompt token's layer-t residual, from the prompt's own forward."""
+    ms: HTState = state.method_state
+    h_BxE = jnp.take_along_axis(hidden[self.layer - 1], (state.prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    return ms.replace(h_BxE=h_BxE.astype(jnp.float32), has_h_B=jnp.ones_like(ms.has_h_B))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms: HTState = state.method_state

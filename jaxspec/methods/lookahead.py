@@ -122,7 +122,7 @@ class Lookahead(Method):
   def method_state_axes(self, method_state):
     return dict(pool=(None, None, None), count=(None,), window=("batch", None, None))
 
-  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl):
+  def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """Window rows from prompt tokens spread over the prompt; pool seeded with prompt n-grams."""
     ms = dict(state.method_state)
     B, K, W = state.batch_size, self.K, self.W
