@@ -27,7 +27,7 @@ def curve_key(bundle, context: int) -> str:
   """What a measured curve depends on: the device, the software, the numbers' type."""
   mesh = getattr(bundle, "mesh", None)
   where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
-  return (f"{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
+  return (f"v2|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
           f"dtype={jnp.dtype(bundle.dtype).name}|context={context}")
 
 
@@ -58,7 +58,7 @@ def _write_disk(bundle, key: str, curve: dict[int, float]) -> None:
     pass  # a read-only model folder: the curve stays in memory
 
 
-def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 5) -> dict[int, float]:
+def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9) -> dict[int, float]:
   """Median seconds of one decode forward of T tokens (tree mask = causal) after `context`
   committed tokens, for each T in sizes (batch 1). Cached per bundle and on disk (see above)."""
   key = curve_key(bundle, context)
@@ -77,17 +77,18 @@ def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 5) -> d
 
   slots = context + max(todo, default=1) + 1
   slots = -(-slots // 128) * 128
-  for T in todo:
-    cache = init_cache(bundle.config, 1, slots, bundle.dtype).replace(lengths=jnp.asarray([context], jnp.int32))
-    toks = jnp.ones((1, T), jnp.int32)
-    mask = jnp.tril(jnp.ones((T, T), bool))
-    jax.block_until_ready(fwd(bundle.params, cache, toks, mask))
-    times = []
-    for _ in range(repeats):
+  cache = init_cache(bundle.config, 1, slots, bundle.dtype).replace(lengths=jnp.asarray([context], jnp.int32))
+  inputs = {T: (jnp.ones((1, T), jnp.int32), jnp.tril(jnp.ones((T, T), bool))) for T in todo}
+  for T in todo:  # compile (and warm) every size first
+    jax.block_until_ready(fwd(bundle.params, cache, *inputs[T]))
+  times = {T: [] for T in todo}
+  for _ in range(repeats):  # interleaved rounds: a slow spell of the machine hits every size alike
+    for T in todo:
       t0 = time.perf_counter()
-      jax.block_until_ready(fwd(bundle.params, cache, toks, mask))
-      times.append(time.perf_counter() - t0)
-    cached[T] = float(np.median(times))
+      jax.block_until_ready(fwd(bundle.params, cache, *inputs[T]))
+      times[T].append(time.perf_counter() - t0)
+  for T in todo:
+    cached[T] = float(np.median(times[T]))
   if todo:
     _write_disk(bundle, key, cached)
   return {int(t): cached[int(t)] for t in sizes}

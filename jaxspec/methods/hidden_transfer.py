@@ -211,15 +211,18 @@ class HiddenTransfer(Method):
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
     m = int(max(slots[1:])) + 1 if T > 1 else 1
-    logits_BxKxV = pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl)
-    top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
-    depth = tree.depth
-    node_tok = top_BxKxM[:, np.maximum(depth - 1, 0), np.maximum(np.asarray(slots), 0)]  # [B, T]
-    tokens = node_tok.at[:, 0].set(last_tokens(state))
     valid = (jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None]
     if self._sized:
       size_B = draft_sizing.best_sizes(ms.sizing, self._table, self.forward_sizes, self.cost, jnp.zeros((B,), jnp.int32))
       valid &= jnp.arange(T)[None, :] < size_B[:, None]
+    pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl)
+    V = model.config.vocab_size
+    # no row drafts this step: skip the partial pass (its cost would make the step dearer than AR)
+    logits_BxKxV = jax.lax.cond(jnp.any(valid[:, 1:]), pseudo, lambda: jnp.zeros((B, self.k, V), jnp.float32))
+    top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
+    depth = tree.depth
+    node_tok = top_BxKxM[:, np.maximum(depth - 1, 0), np.maximum(np.asarray(slots), 0)]  # [B, T]
+    tokens = node_tok.at[:, 0].set(last_tokens(state))
     return Draft(tokens=tokens, valid=valid), ms
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
