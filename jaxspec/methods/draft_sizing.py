@@ -20,10 +20,14 @@ stay those of the verifier (lossless).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from jaxspec.errors import InvalidOptionError
 
 SCALES = np.linspace(0.1, 2.0, 39)  # the grid of acceptance scales g
 PRIOR_WEIGHT = 1.0  # pseudo-observations at g = 1 (not forgotten)
@@ -87,3 +91,38 @@ def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
   from jaxspec.profiling import forward_time_curve
   curve = forward_time_curve(bundle, (1,) + tuple(sizes))
   return tuple(curve[s] / curve[1] for s in sizes)
+
+
+class PrefixSizing:
+  """Mixin for a tree drafter whose node list is ordered most probable first: `forward_sizes`
+  are `prefix_sizes` of its tree (when `adaptive` and the tree has more than one draft), and
+  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `cost`, `tree` and
+  `node_prior()` (per node: acceptance given the parent was accepted, the root's unused)."""
+
+  @property
+  def sized(self) -> bool:
+    return self.adaptive and self.tree.size > 2
+
+  @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    return prefix_sizes(self.tree.size) if self.sized else (self.tree.size,)
+
+  @cached_property
+  def size_table(self) -> np.ndarray:
+    return expected_table(self.tree.parents, self.node_prior())
+
+  def limit(self, valid_BxT, stats: SizingStats):
+    """valid_BxT cut to each row's paying prefix (unchanged when not sized)."""
+    if not self.sized:
+      return valid_BxT
+    if self.cost is None:
+      raise InvalidOptionError(f"{self.name}: adaptive sizes need `cost`; resolve the method against a model "
+                               "first (generate does this)")
+    B, T = valid_BxT.shape
+    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.cost, jnp.zeros((B,), jnp.int32))
+    return valid_BxT & (jnp.arange(T)[None, :] < size_B[:, None])
+
+  def observe_step(self, stats: SizingStats, draft, verdict, n_B) -> SizingStats:
+    if not self.sized:
+      return stats
+    return observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0)

@@ -85,7 +85,7 @@ class HTState:
 
 
 @dataclasses.dataclass(frozen=True)
-class HiddenTransfer(Method):
+class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   """`heads`: a heads folder (default: the packaged heads of the model). `nodes`: verified tree
   nodes (drafts, root excluded) or "auto" (picked from the measured forward times)."""
 
@@ -121,7 +121,7 @@ class HiddenTransfer(Method):
       raise HeadsFileError(f"{path}: layer {m.layer} outside 1..{bundle.config.num_layers - 1}")
     if m.nodes == "auto":
       m = dataclasses.replace(m, nodes=m._pick_nodes(bundle))
-    if m._sized and m.cost is None:
+    if m.sized and m.cost is None:
       m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
     return m
 
@@ -178,18 +178,8 @@ class HiddenTransfer(Method):
   def capture(self) -> tuple[int, ...]:
     return (self.layer - 1,)
 
-  @property
-  def _sized(self) -> bool:
-    return self.adaptive and self.tree.size > 2
-
-  @property
-  def forward_sizes(self) -> tuple[int, ...]:
-    return draft_sizing.prefix_sizes(self.tree.size) if self._sized else (self.tree.size,)
-
-  @cached_property
-  def _table(self):
-    tree, slots = self._tree_and_slots
-    return draft_sizing.expected_table(tree.parents, self._node_accept(tree, slots))
+  def node_prior(self) -> list[float]:
+    return self._node_accept(*self._tree_and_slots)
 
   # ---- state and step ------------------------------------------------------------------
 
@@ -211,10 +201,7 @@ class HiddenTransfer(Method):
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
     m = int(max(slots[1:])) + 1 if T > 1 else 1
-    valid = (jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None]
-    if self._sized:
-      size_B = draft_sizing.best_sizes(ms.sizing, self._table, self.forward_sizes, self.cost, jnp.zeros((B,), jnp.int32))
-      valid &= jnp.arange(T)[None, :] < size_B[:, None]
+    valid = self.limit((jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None], ms.sizing)
     pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl)
     V = model.config.vocab_size
     # no row drafts this step: skip the partial pass (its cost would make the step dearer than AR)
@@ -230,7 +217,5 @@ class HiddenTransfer(Method):
     last_B = jnp.take_along_axis(verdict.path, jnp.maximum(verdict.n - 1, 0)[:, None], axis=1)[:, 0]
     h_BxE = jnp.take_along_axis(hidden[self.layer - 1], last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     active = n_B > 0
-    sizing = ms.sizing
-    if self._sized:
-      sizing = draft_sizing.observe(sizing, self._table, draft.valid.sum(axis=1), verdict.n - 1, active)
-    return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active, sizing=sizing)
+    return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active,
+                   sizing=self.observe_step(ms.sizing, draft, verdict, n_B))

@@ -38,7 +38,7 @@ class RecyclingState:
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenRecycling(Method):
+class TokenRecycling(draft_sizing.PrefixSizing, Method):
   """`template`: a name ("tiny", "small", "medium", "large", "xl", "xxl"), a node count, or "auto"
   (resolved per bundle by `resolve_auto_template` from measured forward times)."""
 
@@ -60,7 +60,7 @@ class TokenRecycling(Method):
     if m.template == "auto":
       from jaxspec.methods.auto_template import pick_template
       m = dataclasses.replace(m, template=pick_template(bundle, m.k))
-    if m._sized and m.cost is None:
+    if m.sized and m.cost is None:
       m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
     return m
 
@@ -92,18 +92,9 @@ class TokenRecycling(Method):
   def slots(self) -> np.ndarray:
     return np.asarray(self._template[1], np.int32)
 
-  @property
-  def _sized(self) -> bool:
-    return self.adaptive and self.tree.size > 2
-
-  @property
-  def forward_sizes(self) -> tuple[int, ...]:
-    return draft_sizing.prefix_sizes(self.tree.size) if self._sized else (self.tree.size,)
-
-  @cached_property
-  def _table(self):
+  def node_prior(self) -> list[float]:
     prior = tree_templates.PRIOR_SLOT_ACCEPT
-    return draft_sizing.expected_table(self.tree.parents, [0.0] + [prior[c] for c in self.slots[1:]])
+    return [0.0] + [prior[c] for c in self.slots[1:]]
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
@@ -119,14 +110,7 @@ class TokenRecycling(Method):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
       toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
-    valid = jnp.ones((B, tree.size), bool)
-    if self._sized:
-      if self.cost is None:
-        raise InvalidOptionError("recycling: adaptive sizes need `cost`; resolve the method against a "
-                                 "model first (generate does this)")
-      size_B = draft_sizing.best_sizes(state.method_state.sizing, self._table, self.forward_sizes, self.cost,
-                                       jnp.zeros((B,), jnp.int32))
-      valid = jnp.arange(tree.size)[None, :] < size_B[:, None]
+    valid = self.limit(jnp.ones((B, tree.size), bool), state.method_state.sizing)
     return Draft(tokens=toks, valid=valid), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
@@ -137,7 +121,4 @@ class TokenRecycling(Method):
     top_BxTxk = jax.lax.top_k(logits_BxTxV[:, :T], self.k)[1].astype(jnp.int32)
     rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
     M_Vxk = mstate.M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, self.k), mode="drop")
-    sizing = mstate.sizing
-    if self._sized:
-      sizing = draft_sizing.observe(sizing, self._table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0)
-    return RecyclingState(M_Vxk=M_Vxk, sizing=sizing)
+    return RecyclingState(M_Vxk=M_Vxk, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
