@@ -95,7 +95,12 @@ def test_recycling_verifies_the_template_prefix_that_pays(tiny):
     reset_method_memory(tiny, "recycling")
     got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
     assert got.token_ids == want.token_ids, cost
-    assert got.stats.forward_tokens == size * got.stats.steps, cost
+    # at most the chosen prefix; less while the matrix is empty (drafts from unwritten rows are invalid)
+    assert got.stats.forward_tokens <= size * got.stats.steps, cost
+    if size == 1:
+      assert got.stats.forward_tokens == got.stats.steps
+    else:
+      assert got.stats.forward_tokens > got.stats.steps and got.stats.tokens_per_forward > 1.0, cost
 
 
 def test_contexts_learn_apart_and_rows_pick_their_own_size():

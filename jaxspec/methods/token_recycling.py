@@ -34,6 +34,7 @@ MEMORY_KEY = "recycling_adjacency"
 @struct.dataclass
 class RecyclingState:
   M_Vxk: jax.Array  # [V, k] int32: the top-k next tokens last predicted after each token
+  seen_V: jax.Array  # [V] bool: the token's row was written (drafts from an unwritten row are not drafts)
   sizing: draft_sizing.SizingStats  # learned acceptance scale (used when adaptive)
 
 
@@ -98,19 +99,22 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
-                          sizing=draft_sizing.init_stats())
+                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats())
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     M_Vxk = state.method_state.M_Vxk
     tree = self.tree
     parents, slots, depth = np.asarray(tree.parents), self.slots, tree.depth
     B = state.batch_size
+    seen_V = state.method_state.seen_V
     toks = jnp.zeros((B, tree.size), jnp.int32).at[:, 0].set(last_tokens(state))
+    valid = jnp.ones((B, tree.size), bool)
     for d in range(1, tree.max_depth + 1):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
       toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
-    valid = self.limit(jnp.ones((B, tree.size), bool), state.method_state.sizing)
+      valid = valid.at[:, nodes].set(valid[:, parents[nodes]] & seen_V[parent_tok])
+    valid = self.limit(valid, state.method_state.sizing)
     return Draft(tokens=toks, valid=valid), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
@@ -121,4 +125,5 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     top_BxTxk = jax.lax.top_k(logits_BxTxV[:, :T], self.k)[1].astype(jnp.int32)
     rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
     M_Vxk = mstate.M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, self.k), mode="drop")
-    return RecyclingState(M_Vxk=M_Vxk, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
+    seen_V = mstate.seen_V.at[rows.reshape(-1)].set(True, mode="drop")
+    return RecyclingState(M_Vxk=M_Vxk, seen_V=seen_V, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
