@@ -59,7 +59,8 @@ def test_training_lowers_the_kl_and_measures_acceptance(tiny, store, tmp_path):
   assert got.token_ids == want.token_ids
 
 
-@pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2)])
+@pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2),
+                                  dict(nodes="auto")])
 def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   folder = _save_random_heads(tmp_path / "h", tiny)
   want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)

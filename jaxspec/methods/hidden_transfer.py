@@ -159,12 +159,10 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return max(rate, key=rate.get)
 
   def _expected(self, tree_slots) -> float:
+    """Expected accepted drafts of the whole tree at the measured acceptance (scale g = 1)."""
     tree, slots = tree_slots
-    node_accept = self._node_accept(tree, slots)
-    reach = np.ones(tree.size)
-    for i in range(1, tree.size):
-      reach[i] = reach[tree.parents[i]] * node_accept[i]
-    return float(reach[1:].sum())
+    table = draft_sizing.expected_table(tree.parents, self._node_accept(tree, slots))
+    return float(table[-1][int(np.argmin(np.abs(draft_sizing.SCALES - 1.0)))])
 
   def _node_accept(self, tree, slots) -> list[float]:
     depth = tree.depth
