@@ -190,7 +190,9 @@ def _compile(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   m, sampling, ids, P, state = _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k,
                                         top_p, seed, chat, cache_len, method_options, layout)
   # committed to the layout's shardings (leaves already there, e.g. method memory, stay)
-  params, mparams = sharding.place(bundle.params, layout), sharding.place(m.load_params(bundle), layout)
+  target = m.target_params(bundle)
+  params = sharding.place(bundle.params if target is None else target, layout)
+  mparams = sharding.place(m.load_params(bundle), layout)
   state = sharding.place(state, layout, m)
   static = dict(sampling=sampling, eos_ids=bundle.eos_ids, attn_impl=attn_impl, graphdef=bundle.graphdef,
                 layout=layout)

@@ -18,8 +18,9 @@ def _axes(*logical):
 
 @struct.dataclass
 class DecodeState:
-  """Invariant: cache holds K/V for tokens[b, :num_tokens[b] - 1]; the last committed token of
-  each row is pending (it is the next forward's first input).
+  """Invariant: cache holds K/V for tokens[b, :cache.lengths[b]]; the committed tokens after
+  them are pending (the next forward's first inputs): the last one for every method but LUD's
+  lossy mode, which commits tokens read off placeholders and feeds them next step.
 
   No shape depends on max_new_tokens: the step budget is a value, so a new max_new_tokens
   within one cache size compiles nothing new. Statistics are counters, not per-step logs."""

@@ -41,13 +41,14 @@ def model_fingerprint(bundle) -> str:
   return bundle.method_memory[FINGERPRINT_KEY]
 
 
-def save_params_file(folder: str | Path, params: dict[str, np.ndarray], meta: dict) -> Path:
-  """Write params (flat name -> array) and meta (+ the weights' sha256), each atomically."""
+def save_params_file(folder: str | Path, params: dict[str, np.ndarray], meta: dict, dtype=np.float32) -> Path:
+  """Write params (flat name -> array, stored as `dtype`) and meta (+ the weights' sha256), each
+  atomically."""
   from safetensors.numpy import save_file
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
-  save_file({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in params.items()}, str(tmp))
+  save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in params.items()}, str(tmp))
   os.replace(tmp, folder / WEIGHTS)
   meta = dict(meta, sha256=file_sha256(folder / WEIGHTS))
   tmp = folder / f".{META}.tmp-{os.getpid()}"

@@ -49,6 +49,28 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--out", required=True, help="heads folder to write (params.safetensors + meta.json)")
   h.set_defaults(func=_train_hidden_transfer)
 
+  u = tsub.add_parser("lud", help="fine-tune for Lexical Unit Decoding on a distill folder (resumable)")
+  u.add_argument("--model", default=DEFAULT_MODEL)
+  u.add_argument("--data", required=True, help="a `jaxspec distill` folder")
+  u.add_argument("--mode", choices=("lora", "full"), default="lora",
+                 help="lora: low-rank adapters (a small params file); full: every weight (a model folder)")
+  u.add_argument("--k", type=int, default=4, help="longest unit: tokens one decode step can commit")
+  u.add_argument("--alpha", type=float, default=0.8, help="mining threshold on P(token | prefix)")
+  u.add_argument("--rank", type=int, default=8)
+  u.add_argument("--window", type=int, default=224, help="tokens of each sequence used (its last ones)")
+  u.add_argument("--budget", type=int, default=64, help="placeholder slots per example")
+  u.add_argument("--steps", type=int, default=300)
+  u.add_argument("--batch-size", type=int, default=4)
+  u.add_argument("--lr", type=float, default=None, help="default 1e-3 (lora) / 3e-5 (full)")
+  u.add_argument("--warmup-steps", type=int, default=20)
+  u.add_argument("--eval-every", type=int, default=50)
+  u.add_argument("--save-every", type=int, default=25)
+  u.add_argument("--seed", type=int, default=0)
+  u.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work)")
+  u.add_argument("--out", required=True, help="lora: adapters folder (params.safetensors + meta.json); "
+                                              "full: a model folder")
+  u.set_defaults(func=_train_lud)
+
 
 def _held_out_ids(path, per_category: int) -> set:
   from jaxspec.bench import load_prompts
@@ -92,4 +114,41 @@ def _train_hidden_transfer(args) -> int:
   save_params_file(args.out, {n: np.asarray(v) for n, v in heads.items()}, meta)
   top1 = " ".join(f"{a:.2f}" for a in meta["eval"]["top1_by_offset"])
   print(f"wrote {args.out}: layer {args.layer}, k {args.heads}, eval top-1 by offset {top1}")
+  return 0
+
+
+def _train_lud(args) -> int:
+  import jaxspec
+  from jaxspec.distill import read_manifest, read_sequences
+  from jaxspec.errors import InvalidOptionError
+  from jaxspec.heads_file import model_fingerprint, save_params_file
+  from jaxspec.train import TrainConfig
+  from jaxspec.train.lud import LudConfig, export_folder, train_lud
+
+  manifest, rows = read_manifest(args.data), read_sequences(args.data)
+  if not rows:
+    raise InvalidOptionError(f"{args.data} holds no distilled sequences; run `jaxspec distill` first")
+  bundle = jaxspec.load_model(args.model)
+  if manifest["model_fingerprint"] != model_fingerprint(bundle):
+    raise InvalidOptionError(f"{args.data} was distilled from {manifest['model']!r}, not this {bundle.name!r}; "
+                             f"distill with --model {args.model}")
+  cfg = LudConfig(k=args.k, alpha=args.alpha, mode=args.mode, rank=args.rank, window=args.window, budget=args.budget)
+  lr = args.lr if args.lr is not None else (1e-3 if args.mode == "lora" else 3e-5)
+  tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
+                     eval_every=args.eval_every, eval_batches=4, save_every=args.save_every, seed=args.seed)
+  trained, _, meta = train_lud(bundle, rows, cfg, tcfg, Path(args.workdir or f"{args.out}.work"),
+                               data_manifest={**manifest, "sequences": len(rows)})
+  if args.mode == "lora":
+    import numpy as np
+    save_params_file(args.out, {n: np.asarray(v) for n, v in trained.items()}, meta, dtype=np.float16)
+  else:
+    from jaxspec.train import lora
+    from jaxspec.train.lud import canonical
+    _, params = canonical(bundle)
+    names, _, treedef = lora.named_leaves(params)
+    import jax
+    export_folder(bundle, jax.tree_util.tree_unflatten(treedef, [trained[n] for n in names]), meta, args.out)
+  ev = meta["eval"]
+  print(f"wrote {args.out} ({args.mode}): eval AR loss {ev.get('eval_ar_loss', float('nan')):.3f}, "
+        f"unit loss {ev.get('eval_unit_loss', float('nan')):.3f}, unit top-1 {ev.get('eval_top1_unit', float('nan')):.3f}")
   return 0

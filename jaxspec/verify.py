@@ -21,7 +21,7 @@ distribution of the token that follows node i (`logits[b, i]`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +92,7 @@ class Draft:
   tokens: jax.Array  # [B, T] int32; column 0 is the pending token
   valid: jax.Array  # [B, T] bool; invalid nodes are never accepted (ragged drafts)
   q_probs: Optional[jax.Array] = None  # [B, T, V] distribution node i was drawn from; None = deterministic
-  context: Optional[jax.Array] = None  # [B] int32: the proposer's draft context, for its own update
+  context: Any = None  # what the proposer's own verify/update read from propose time (pld: [B] n-gram length)
 
 
 @struct.dataclass
@@ -100,6 +100,7 @@ class Verdict:
   path: jax.Array  # [B, D+1] node ids root..last accepted (garbage past n)
   n: jax.Array  # [B] accepted drafts + 1: tokens to commit (and K/V slots to keep)
   tokens: jax.Array  # [B, D+1] committed tokens: accepted drafts then the next token
+  keep: Optional[jax.Array] = None  # [B] forward slots whose K/V the cache keeps (None: n; LUD's lossy mode: fewer)
 
 
 def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:

@@ -69,3 +69,31 @@ def gof_pvalue(counts, P, min_expected=5.0):
     assert o2[-1] == 0, "samples where the target has probability 0"
     e2, o2 = e2[:-1], o2[:-1]
   return chisquare(o2, e2 / e2.sum() * o2.sum()).pvalue
+
+
+# --- a model fine-tuned for LUD (its placeholders predict its units) ------------------------
+
+def _lud_rows(bundle, n=48, new=24, seed=0):
+  """Distill-like rows: random prompts and the model's own sampled continuations."""
+  rng = np.random.default_rng(seed)
+  prompts = [list(rng.integers(2, bundle.config.vocab_size, size=int(rng.integers(3, 8)))) for _ in range(n)]
+  out = jaxspec.generate(bundle, prompts, max_new_tokens=new, temperature=1.0, seed=seed).token_ids
+  return [{"question_id": f"q{i}", "category": "toy", "prompt_ids": [int(t) for t in p], "output_ids": o}
+          for i, (p, o) in enumerate(zip(prompts, out))]
+
+
+def lud_tuned_bundle(bundle, workdir, steps=200):
+  """(bundle fine-tuned for LUD in full mode, placeholder id 0, k 3; its rows; log; meta)."""
+  import dataclasses
+  import jax
+  from jaxspec.train import TrainConfig, lora
+  from jaxspec.train.lud import LudConfig, canonical, train_lud
+  rows = _lud_rows(bundle)
+  cfg = LudConfig(k=3, alpha=0.6, mode="full", window=32, budget=24, placeholder_id=0)
+  tcfg = TrainConfig(steps=steps, batch_size=16, lr=1e-2, warmup_steps=10, eval_every=100, save_every=100, log_every=10)
+  flat, log, meta = train_lud(bundle, rows, cfg, tcfg, workdir, progress=False)
+  graphdef, params = canonical(bundle)
+  names, _, treedef = lora.named_leaves(params)
+  tuned = dataclasses.replace(bundle, graphdef=graphdef, method_memory={},
+                              params=jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names]))
+  return tuned, rows, log, meta

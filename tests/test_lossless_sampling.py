@@ -4,14 +4,16 @@ rule is detected by the same test."""
 
 import dataclasses
 
+import jax.numpy as jnp
 import pytest
 
 from jaxspec.methods.hidden_transfer import HiddenTransfer
+from jaxspec.methods.lud import LUD
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.sampling import SamplingConfig
 from jaxspec.verify import verify_stochastic
 from conftest import random_heads_folder
-from decoding_checks import exact_distribution, gof_pvalue, peaked_tiny_bundle, sample_counts
+from decoding_checks import exact_distribution, gof_pvalue, lud_tuned_bundle, peaked_tiny_bundle, sample_counts
 
 SAMPLING = SamplingConfig(temperature=0.8, top_k=6)
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats give prompt lookup drafts
@@ -71,4 +73,24 @@ class NaivePLD(PromptLookup):
 def test_wrong_rule_is_detected(setup):
   b, P = setup
   counts, _ = sample_counts(b, PROMPT, SAMPLING, NaivePLD(k=3, max_ngram=2))
+  assert gof_pvalue(counts, P) < 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class NaiveLUD(LUD):
+  def verify(self, draft, logits_BxTxV, sampling, key):
+    r_B = jnp.sum(draft.valid, axis=1) - (self.k - 1)
+    drafted = draft.replace(valid=jnp.arange(self.k)[None, :] < r_B[:, None], tokens=draft.tokens[:, :self.k])
+    return verify_stochastic(self.tree, drafted, logits_BxTxV[:, :self.k], sampling, key, accept_rule="naive")
+
+
+@pytest.mark.slow  # end-to-end sampling, as above: LUD's verify mode on a model fine-tuned for it
+def test_lud_verify_sampling_matches_ar_distribution(tmp_path):
+  b, _, _, _ = lud_tuned_bundle(peaked_tiny_bundle(vocab=8, scale=40.0), tmp_path)
+  P = exact_distribution(b, PROMPT, SAMPLING)
+  opts = dict(adapters="none", placeholder=0, k=3, beta=0.05)
+  counts, stats = sample_counts(b, PROMPT, SAMPLING, "lud", dict(opts, verify=True), max_new=6)
+  assert stats.tokens_per_forward > 1.0  # drafts were accepted
+  assert gof_pvalue(counts, P) > 1e-3
+  counts, _ = sample_counts(b, PROMPT, SAMPLING, NaiveLUD(verify_drafts=True, **opts), max_new=6)
   assert gof_pvalue(counts, P) < 1e-6

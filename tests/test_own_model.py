@@ -23,7 +23,8 @@ from jaxspec.models.kv_cache import write_scratch
 
 OPTIONS = {"ar": {}, "pld": dict(k=3), "recycling": dict(template="small"), "draft": dict(k=2),
            "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
-           "hidden_transfer": dict(nodes=6), "auto": {}}  # hidden_transfer: + random heads, made per test
+           "hidden_transfer": dict(nodes=6), "auto": {},  # hidden_transfer: + random heads, made per test
+           "lud": dict(adapters="none", placeholder=0, k=3, beta=0.05, verify=True)}
 
 
 class TinyLM(nnx.Module):

@@ -131,7 +131,7 @@ def _expected_specs(name: str, d: int, m: int) -> dict:
 METHOD_OPTIONS = {"ar": {}, "pld": dict(k=4), "recycling": dict(template="small"), "draft": dict(k=3),
                   "jacobi": dict(n=4), "lookahead": dict(W=3, N=3, G=3), "sjd": dict(L=4),
                   "hidden_transfer": dict(nodes=6, cost=(1.0, 1.0, 1.0)),  # + random heads of the bundle
-                  "auto": {}}
+                  "auto": {}, "lud": dict(adapters="none", placeholder=0, k=3, beta=0.05, verify=True)}
 ALL_METHODS_MESHES = ((2, 4), (4, 2))  # attention split over model=4 / model=2; AR alone on 1x8 and 8x1
 
 

@@ -16,6 +16,7 @@ from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.methods.token_recycling import TokenRecycling
 from jaxspec.methods.jacobi import Jacobi
 from jaxspec.methods.lookahead import Lookahead
+from jaxspec.methods import lud
 from jaxspec.methods.sjd import SJD
 
 METHODS = {"ar": AR, "pld": PromptLookup, "recycling": TokenRecycling, "draft": DraftModelSpeculation}
@@ -24,6 +25,7 @@ METHODS["lookahead"] = Lookahead
 METHODS["sjd"] = SJD
 METHODS["hidden_transfer"] = HiddenTransfer
 METHODS["auto"] = Auto
+METHODS["lud"] = lud.make
 
 
 def get_method(name: str, **options):

@@ -18,6 +18,8 @@ Hooks, all optional (the defaults do nothing):
 * `load_params(bundle)`: the method's own parameters (a drafter's weights, trained heads): a
   pytree of `nnx.Param` with logical axes, placed and sharded like the model's and passed to
   every hook below as `mparams` (None: the method has none).
+* `target_params(bundle)`: the model weights this method decodes with when they are not the
+  bundle's (LUD: the base with its fine-tune's adapters merged); None (default): the bundle's.
 * `init_method_state(config, B, num_slots, dtype, mparams)` and `method_state_axes(mstate)`:
   the state carried between steps and its logical axes (None: replicated, KV caches inside
   sharded like the target's).
@@ -94,6 +96,9 @@ class Method:
     return self
 
   def load_params(self, bundle):
+    return None
+
+  def target_params(self, bundle):
     return None
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):

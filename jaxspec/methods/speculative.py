@@ -60,6 +60,9 @@ def speculative_step(method, model, mparams, state: DecodeState, sampling: Sampl
   verdict = method.verify(draft, logits_BxTxV, sampling, k_ver)
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
-  cache = advance(cache, n_B) if method.tree.is_chain else commit(cache, verdict.path, n_B)
+  # A verdict may keep fewer slots than it commits (LUD: tokens read off placeholders have no
+  # K/V of their own; they stay pending and the next forward feeds them).
+  keep_B = n_B if verdict.keep is None else jnp.where(n_B > 0, verdict.keep, 0)
+  cache = advance(cache, keep_B) if method.tree.is_chain else commit(cache, verdict.path, keep_B)
   method_state = method.update(st.method_state, st, draft, logits_BxTxV, hidden, verdict, n_B)
   return record_step(st.replace(cache=cache, method_state=method_state), n_B, size)
