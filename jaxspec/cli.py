@@ -122,7 +122,7 @@ def main(argv=None) -> int:
       return _generate(args)
     if args.command == "pull":
       return _pull(args)
-    if args.command in ("bench", "distill", "train"):
+    if args.command in ("bench", "distill", "train", "lud"):
       return args.func(args)
     return _models(args)
   except JaxspecError as e:

@@ -71,6 +71,23 @@ def add_train_parsers(sub) -> None:
                                               "full: a model folder")
   u.set_defaults(func=_train_lud)
 
+  m = sub.add_parser("lud", help="Lexical Unit Decoding tools: mine units, export a fine-tuned model folder")
+  msub = m.add_subparsers(dest="what", required=True)
+  mi = msub.add_parser("mine", help="units of a distill folder under the base model: statistics + plot")
+  mi.add_argument("--model", default=DEFAULT_MODEL)
+  mi.add_argument("--data", required=True, help="a `jaxspec distill` folder")
+  mi.add_argument("--alphas", default="0.5,0.7,0.8,0.9,0.95", help="mining thresholds to report")
+  mi.add_argument("--alpha", type=float, default=0.8, help="the threshold whose units are saved")
+  mi.add_argument("--k", type=int, default=4)
+  mi.add_argument("--window", type=int, default=224)
+  mi.add_argument("--out", required=True, help="folder: units.jsonl, stats.json, units.png")
+  mi.set_defaults(func=_lud_mine)
+  ex = msub.add_parser("export", help="base model + LUD adapters -> a Hugging Face model folder")
+  ex.add_argument("--model", default=DEFAULT_MODEL)
+  ex.add_argument("--adapters", default=None, help="adapters folder (default: the packaged ones)")
+  ex.add_argument("--out", required=True)
+  ex.set_defaults(func=_lud_export)
+
 
 def _held_out_ids(path, per_category: int) -> set:
   from jaxspec.bench import load_prompts
@@ -151,4 +168,43 @@ def _train_lud(args) -> int:
   ev = meta["eval"]
   print(f"wrote {args.out} ({args.mode}): eval AR loss {ev.get('eval_ar_loss', float('nan')):.3f}, "
         f"unit loss {ev.get('eval_unit_loss', float('nan')):.3f}, unit top-1 {ev.get('eval_top1_unit', float('nan')):.3f}")
+  return 0
+
+
+def _lud_mine(args) -> int:
+  import json
+  import jaxspec
+  from jaxspec.distill import read_manifest, read_sequences
+  from jaxspec.train.lud import corpus
+  from jaxspec.train.lud_units import mine_units, mining_report, plot_report, save_units, token_confidence
+  manifest, rows = read_manifest(args.data), read_sequences(args.data)
+  bundle = jaxspec.load_model(args.model)
+  sequences, categories = corpus(rows, args.window)
+  conf = token_confidence(bundle, sequences)
+  alphas = sorted({float(a) for a in args.alphas.split(",")} | {args.alpha})
+  report = mining_report(conf, categories, alphas, args.k)
+  out = Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  units = [mine_units(p, am, args.alpha, args.k) for p, am in conf]
+  save_units(out / "units.jsonl", [dict(r, tokens=s) for r, s in zip(rows, sequences)], units,
+             {"model": bundle.name, "alpha": args.alpha, "k": args.k, "window": args.window, "data": manifest})
+  (out / "stats.json").write_text(json.dumps({"k": args.k, "window": args.window, "by_alpha": report}, indent=1))
+  plot_report(report, out / "units.png", args.k)
+  for a in alphas:
+    o = report[str(a)]["overall"]
+    print(f"alpha {a}: {o['share_in_multi_token_units']:.1%} of tokens in multi-token units, "
+          f"mean unit {o['mean_unit_length']:.2f} tokens, lengths {o['length_hist'][1:]}")
+  return 0
+
+
+def _lud_export(args) -> int:
+  import jaxspec
+  from jaxspec.methods.lud import LUD
+  from jaxspec.train.lud import export_folder
+  from jaxspec.heads_file import read_meta
+  bundle = jaxspec.load_model(args.model)
+  m = LUD(adapters=args.adapters).resolve(bundle)
+  export_folder(bundle, m.target_params(bundle), read_meta(m.adapters), args.out)
+  print(f"wrote {args.out}: {bundle.name} with the LUD adapters of {m.adapters} merged "
+        f"(`jaxspec generate --model {args.out} --method lud`)")
   return 0

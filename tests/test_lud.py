@@ -155,3 +155,60 @@ def test_adapters_files_are_checked(tmp_path):
     jaxspec.get_method("lud", verify=True, no_repeat=3)
   with pytest.raises(InvalidOptionError, match="beta"):
     jaxspec.get_method("lud", beta=0)
+
+
+def test_adapters_for_another_model_are_refused(tiny_lud_folder):
+  b = make_tiny_bundle(seed=5)  # same shapes, other weights
+  with pytest.raises(HeadsFileError, match="trained for base model"):
+    jaxspec.generate(b, [[3, 4, 5]], max_new_tokens=4, method="lud", method_options=dict(adapters=str(tiny_lud_folder)))
+
+
+@pytest.fixture
+def tiny_lud_folder(tmp_path):
+  """Random LUD adapters (valid metadata) for make_tiny_bundle()."""
+  from jaxspec.heads_file import model_fingerprint, save_params_file
+  b = make_tiny_bundle()
+  _, params = canonical(b)
+  ad = {k: (v if k.endswith(".A") else 0.05 * jax.random.normal(jax.random.key(1), v.shape))
+        for k, v in lora.init_lora(jax.random.key(0), params, 2).items()}
+  meta = {"kind": "lud_adapters", "base_model": b.name, "base_fingerprint": model_fingerprint(b), "placeholder_id": 0,
+          "k": 3, "lora_scale": 2.0, "embed_dim": b.config.embed_dim, "vocab_size": b.config.vocab_size}
+  return save_params_file(tmp_path / "lud", {k: np.asarray(v) for k, v in ad.items()}, meta, dtype=np.float16)
+
+
+def test_adapters_are_merged_at_load(tiny_lud_folder):
+  """Decoding with adapters = decoding the merged model (lossy beta > 1 and verify: its AR)."""
+  b = make_tiny_bundle()
+  m = jaxspec.get_method("lud", adapters=str(tiny_lud_folder)).resolve(b)
+  assert (m.k, m.placeholder, m.scale) == (3, 0, 2.0)
+  merged = b.__class__(**{**b.__dict__, "params": m.target_params(b), "method_memory": {}})
+  prompts = [[3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+  ar = jaxspec.generate(merged, prompts, max_new_tokens=12).token_ids
+  assert ar != jaxspec.generate(b, prompts, max_new_tokens=12).token_ids  # the adapters change the model
+  for opts in (dict(beta=1.01), dict(beta=0.05, verify=True)):
+    got = jaxspec.generate(b, prompts, max_new_tokens=12, method="lud", method_options=dict(opts, adapters=str(tiny_lud_folder)))
+    assert got.token_ids == ar, opts
+
+
+@pytest.mark.slow  # the real model and the packaged adapters
+def test_packaged_adapters_real_model(smollm2, tmp_path):
+  from conftest import dev_prompts
+  m = jaxspec.get_method("lud", verify=True).resolve(smollm2)
+  tuned = smollm2.__class__(**{**smollm2.__dict__, "params": m.target_params(smollm2), "method_memory": {}})
+  prompts = dev_prompts(3)
+  ar = jaxspec.generate(tuned, prompts, max_new_tokens=24, cache_len=256)
+  exact = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=256, method="lud", method_options=dict(verify=True))
+  assert exact.token_ids == ar.token_ids and exact.stats.tokens_per_forward > 1.1
+  lossy = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=256, method="lud")
+  assert lossy.stats.tokens_per_forward > 1.1 and all(len(t) == 24 for t in lossy.token_ids)
+  # exported as a model folder: jaxspec reads it back with the same logits, and `lud` decodes it as it is
+  from jaxspec.heads_file import read_meta
+  from jaxspec.train.lud import export_folder
+  folder = export_folder(smollm2, m.target_params(smollm2), read_meta(m.adapters), tmp_path / "tuned")
+  back = jaxspec.load_model(str(folder), dtype=smollm2.dtype, progress=False)
+  again = jaxspec.generate(back, prompts, max_new_tokens=24, cache_len=256, method="lud", method_options=dict(verify=True))
+  assert again.token_ids == ar.token_ids
+  ids = jnp.asarray([jaxspec.encode_prompts(smollm2, prompts[:1])[0]])
+  pos = jnp.arange(ids.shape[1])[None]
+  np.testing.assert_allclose(back.model()(None, ids, pos, None)[0], tuned.model()(None, ids, pos, None)[0],
+                             rtol=2e-5, atol=2e-4)
