@@ -36,6 +36,7 @@ from flax import struct
 from jaxspec.decode_state import DecodeState
 from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods.base import Method
+from jaxspec.methods.forward_layout import ForwardLayout
 from jaxspec.sampling import SamplingConfig, sample_tokens
 from jaxspec.verify import Draft, TreeSpec, Verdict, verify
 
@@ -108,7 +109,6 @@ class LUD(Method):
   no_repeat: int = 0
   verify_drafts: bool = False  # the `verify=True` option (see `make`)
   placeholder: int = -1
-  scale: float = 0.0  # resolved from the adapters' meta
   name = "lud"
 
   def __post_init__(self):
@@ -131,7 +131,7 @@ class LUD(Method):
     return path
 
   def resolve(self, bundle) -> "LUD":
-    if self.placeholder >= 0 and self.k:
+    if self.adapters is not None and self.placeholder >= 0 and self.k:  # resolved (or fully given)
       return self
     own = Path(bundle.path) / LUD_META if bundle.path is not None else None
     if self.adapters is None and own is not None and own.is_file():  # an exported fine-tuned model
@@ -148,8 +148,7 @@ class LUD(Method):
         bundle.name, bundle.config.vocab_size - 1)))
     if not 0 <= ph < bundle.config.vocab_size:
       raise InvalidOptionError(f"lud placeholder {ph} is outside the vocabulary")
-    return dataclasses.replace(self, adapters=adapters, placeholder=ph, k=self.k or int(meta.get("k", 4)),
-                               scale=float(meta.get("lora_scale", 0.0)))
+    return dataclasses.replace(self, adapters=adapters, placeholder=ph, k=self.k or int(meta.get("k", 4)))
 
   def target_params(self, bundle):
     """The base weights with the adapters merged (once per bundle and folder); None: the bundle's."""
@@ -175,20 +174,14 @@ class LUD(Method):
     """Lossy: every forward token in one chain (the pending ones and the placeholders);
     verify: the verified part, the pending token and up to k-1 drafts."""
     self._check_resolved()
-    return TreeSpec.chain(self.k - 1) if self.verify_drafts else TreeSpec.chain(2 * self.k - 2)
+    return TreeSpec.chain(self.k - 1) if self.verify_drafts else self.forward_layout.tree
 
   @property
-  def forward_depth(self) -> np.ndarray:
-    return np.arange(self.scratch_tokens, dtype=np.int32)
-
-  @property
-  def forward_mask(self) -> np.ndarray:
-    return np.tril(np.ones((self.scratch_tokens,) * 2, bool))
-
-  @property
-  def scratch_tokens(self) -> int:
+  def forward_layout(self) -> ForwardLayout:
+    """One causal chain of 2k-1 tokens: up to k real inputs (pending tokens, or the pending
+    token and its drafts), then k-1 placeholders, packed per row (so one static mask serves)."""
     self._check_resolved()
-    return 2 * self.k - 1  # up to k pending (or pending + drafts) and k - 1 placeholders
+    return ForwardLayout(TreeSpec.chain(2 * self.k - 2))
 
   @property
   def forward_sizes(self) -> tuple[int, ...]:
@@ -216,7 +209,7 @@ class LUD(Method):
     return pending_counts(state)
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
-    T = self.scratch_tokens
+    T = self.scratch_tokens  # 2k - 1
     r_B = self._real_inputs(state)
     tokens = packed_inputs(state, pending_counts(state), T, self.placeholder)
     if self.verify_drafts:  # pending token, then the drafts, then placeholders
