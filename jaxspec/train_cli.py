@@ -66,6 +66,8 @@ def add_train_parsers(sub) -> None:
   u.add_argument("--eval-every", type=int, default=50)
   u.add_argument("--save-every", type=int, default=25)
   u.add_argument("--seed", type=int, default=0)
+  u.add_argument("--stop-after", type=int, default=None,
+                 help="checkpoint and stop at this step of the schedule (rerun without it to finish)")
   u.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work)")
   u.add_argument("--out", required=True, help="lora: adapters folder (params.safetensors + meta.json); "
                                               "full: a model folder")
@@ -154,7 +156,10 @@ def _train_lud(args) -> int:
   tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                      eval_every=args.eval_every, eval_batches=4, save_every=args.save_every, seed=args.seed)
   trained, _, meta = train_lud(bundle, rows, cfg, tcfg, Path(args.workdir or f"{args.out}.work"),
-                               data_manifest={**manifest, "sequences": len(rows)})
+                               data_manifest={**manifest, "sequences": len(rows)}, stop_after=args.stop_after)
+  if args.stop_after is not None and args.stop_after < args.steps:
+    print(f"stopped at step {args.stop_after} of {args.steps}; rerun without --stop-after to finish")
+    return 0
   if args.mode == "lora":
     import numpy as np
     save_params_file(args.out, {n: np.asarray(v) for n, v in trained.items()}, meta, dtype=np.float16)

@@ -212,3 +212,23 @@ def test_packaged_adapters_real_model(smollm2, tmp_path):
   pos = jnp.arange(ids.shape[1])[None]
   np.testing.assert_allclose(back.model()(None, ids, pos, None)[0], tuned.model()(None, ids, pos, None)[0],
                              rtol=2e-5, atol=2e-4)
+
+
+def test_lora_fine_tune_resumes_exactly(tmp_path):
+  """LoRA mode; an interrupted run resumed from its checkpoint equals the uninterrupted one."""
+  from decoding_checks import _lud_rows
+  from jaxspec.train import TrainConfig
+  from jaxspec.train.lud import LudConfig, train_lud
+  b = peaked_tiny_bundle(vocab=16, scale=30.0)
+  rows = _lud_rows(b, n=16, new=12)
+  cfg = LudConfig(k=3, alpha=0.6, mode="lora", rank=2, window=24, budget=12, placeholder_id=0)
+  tcfg = TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=6, save_every=4, log_every=2)
+  full, full_log, meta = train_lud(b, rows, cfg, tcfg, tmp_path / "a", progress=False)
+  train_lud(b, rows, cfg, tcfg, tmp_path / "b", progress=False, stop_after=6)
+  resumed, resumed_log, _ = train_lud(b, rows, cfg, tcfg, tmp_path / "b", progress=False)
+  assert sorted(full) == sorted(resumed) and "rows.0" in full and any(k.endswith(".B") for k in full)
+  for k in full:
+    np.testing.assert_array_equal(np.asarray(full[k]), np.asarray(resumed[k]))
+  strip = lambda log: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in log]
+  assert strip(resumed_log) == strip(full_log)
+  assert meta["mode"] == "lora" and meta["rank"] == 2
