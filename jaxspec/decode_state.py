@@ -53,6 +53,12 @@ def last_tokens(state: DecodeState) -> jax.Array:
   return jnp.take_along_axis(state.tokens, (state.num_tokens - 1)[:, None], axis=1)[:, 0]
 
 
+def pending_counts(state: DecodeState) -> jax.Array:
+  """[B] committed tokens of each row without K/V in the cache: the next forward's first inputs
+  (1 for every method but LUD's lossy mode)."""
+  return state.num_tokens - state.cache.lengths
+
+
 def append_tokens(state: DecodeState, new_BxM: jax.Array, n_B: jax.Array, eos_ids: tuple[int, ...]):
   """Append the first n[b] of new[b] to row b, cut at the first EOS and at the row's budget.
 

@@ -49,6 +49,7 @@ def save_params_file(folder: str | Path, params: dict[str, np.ndarray], meta: di
   folder.mkdir(parents=True, exist_ok=True)
   tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
   save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in params.items()}, str(tmp))
+  os.chmod(tmp, 0o644)
   os.replace(tmp, folder / WEIGHTS)
   meta = dict(meta, sha256=file_sha256(folder / WEIGHTS))
   tmp = folder / f".{META}.tmp-{os.getpid()}"

@@ -190,28 +190,58 @@ def test_adapters_are_merged_at_load(tiny_lud_folder):
     assert got.token_ids == ar, opts
 
 
-@pytest.mark.slow  # the real model and the packaged adapters
-def test_packaged_adapters_real_model(smollm2, tmp_path):
-  from conftest import dev_prompts
+@pytest.fixture(scope="module")
+def real_tuned(smollm2):
+  """(lud method resolved with the packaged adapters, the merged model as a bundle)."""
   m = jaxspec.get_method("lud", verify=True).resolve(smollm2)
-  tuned = smollm2.__class__(**{**smollm2.__dict__, "params": m.target_params(smollm2), "method_memory": {}})
+  return m, smollm2.__class__(**{**smollm2.__dict__, "params": m.target_params(smollm2), "method_memory": {}})
+
+
+@pytest.mark.slow  # the real model and the packaged adapters
+def test_packaged_adapters_real_model(smollm2, real_tuned):
+  from conftest import dev_prompts
+  _, tuned = real_tuned
   prompts = dev_prompts(3)
-  ar = jaxspec.generate(tuned, prompts, max_new_tokens=24, cache_len=256)
-  exact = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=256, method="lud", method_options=dict(verify=True))
+  ar = jaxspec.generate(tuned, prompts, max_new_tokens=24, cache_len=512)
+  exact = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=512, method="lud", method_options=dict(verify=True))
   assert exact.token_ids == ar.token_ids and exact.stats.tokens_per_forward > 1.1
-  lossy = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=256, method="lud")
+  for i, p in enumerate(prompts[:2]):  # batch 1
+    one = jaxspec.generate(smollm2, [p], max_new_tokens=24, cache_len=512, method="lud", method_options=dict(verify=True))
+    assert one.token_ids[0] == ar.token_ids[i]
+  lossy = jaxspec.generate(smollm2, prompts, max_new_tokens=24, cache_len=512, method="lud")
   assert lossy.stats.tokens_per_forward > 1.1 and all(len(t) == 24 for t in lossy.token_ids)
-  # exported as a model folder: jaxspec reads it back with the same logits, and `lud` decodes it as it is
+
+
+@pytest.mark.slow  # exports the real model (540 MB) and compares with transformers' goldens
+def test_exported_model_matches_transformers(smollm2, real_tuned, tmp_path):
+  """`jaxspec lud export` writes a Hugging Face folder: transformers (torch, fp32; goldens made by
+  experiments/make_goldens.py on the exported folder) and jaxspec read it with the same logits
+  and greedy output, and `lud` decodes it as it is (its jaxspec_lud.json gives the placeholder)."""
+  import json
+  import os
   from jaxspec.heads_file import read_meta
   from jaxspec.train.lud import export_folder
+  m, tuned = real_tuned
   folder = export_folder(smollm2, m.target_params(smollm2), read_meta(m.adapters), tmp_path / "tuned")
   back = jaxspec.load_model(str(folder), dtype=smollm2.dtype, progress=False)
-  again = jaxspec.generate(back, prompts, max_new_tokens=24, cache_len=256, method="lud", method_options=dict(verify=True))
-  assert again.token_ids == ar.token_ids
-  ids = jnp.asarray([jaxspec.encode_prompts(smollm2, prompts[:1])[0]])
-  pos = jnp.arange(ids.shape[1])[None]
-  np.testing.assert_allclose(back.model()(None, ids, pos, None)[0], tuned.model()(None, ids, pos, None)[0],
-                             rtol=2e-5, atol=2e-4)
+  goldens = json.load(open(os.path.join(os.path.dirname(__file__), "goldens", "smollm2-135m-instruct-lud.json")))
+  worst = 0.0
+  for case in goldens["prompts"]:
+    ids = jnp.asarray([case["prompt_ids"]])
+    lg = np.asarray(back.model()(None, ids, jnp.arange(ids.shape[1])[None], None)[0][0, -1])
+    top = np.asarray(case["top50_ids"])
+    assert int(np.argmax(lg)) == int(top[0]), case.get("name")
+    worst = max(worst, float(np.max(np.abs(lg[top] - np.asarray(case["top50_logits"])))))
+  assert worst < 2e-3, worst
+  cases = goldens["prompts"]
+  out = jaxspec.generate(back, [c["prompt_ids"] for c in cases], max_new_tokens=32)
+  eos = set(back.eos_ids)
+  assert out.token_ids == [[t for t in c["greedy_ids"] if t not in eos] for c in cases]
+  # the tuned model's own AR equals the exported folder's
+  assert jaxspec.generate(tuned, [c["prompt_ids"] for c in cases], max_new_tokens=32).token_ids == out.token_ids
+  again = jaxspec.generate(back, [c["prompt_ids"] for c in cases[:2]], max_new_tokens=16, method="lud",
+                           method_options=dict(verify=True))
+  assert again.token_ids == [t[:16] for t in out.token_ids[:2]]
 
 
 def test_lora_fine_tune_resumes_exactly(tmp_path):

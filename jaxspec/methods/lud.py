@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxspec.decode_state import DecodeState
+from jaxspec.decode_state import DecodeState, pending_counts
 from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods.base import Method
 from jaxspec.methods.forward_layout import ForwardLayout
@@ -44,11 +44,6 @@ KIND = "lud_adapters"
 LUD_META = "jaxspec_lud.json"
 PACKAGED = Path(__file__).resolve().parent.parent / "data" / "lud"  # <model name>/params.safetensors + meta.json
 PLACEHOLDER = {"smollm2-135m-instruct": 16}  # "<empty_output>": a special token chat never uses
-
-
-def pending_counts(state: DecodeState) -> jax.Array:
-  """[B] committed tokens of each row without K/V in the cache (the next forward's inputs)."""
-  return state.num_tokens - state.cache.lengths
 
 
 def packed_inputs(state: DecodeState, r_B: jax.Array, T: int, placeholder: int) -> jax.Array:

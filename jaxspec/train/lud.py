@@ -172,10 +172,11 @@ def export_folder(bundle, params, meta: dict, out: str | Path) -> Path:
     arr = np.asarray(jax.device_get(var[...] if hasattr(var, "__getitem__") else var), np.float32)
     tensors[name] = np.ascontiguousarray(arr.T if transpose else arr)
   save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  os.chmod(tmp / "model.safetensors", 0o644)
   src = Path(bundle.path)
   for f in src.iterdir():
-    if f.is_file() and f.suffix in (".json", ".txt", ".model") and f.name not in ("model.safetensors.index.json",
-                                                                                   "jaxspec_source.json", LUD_META):
+    if (f.is_file() and f.suffix in (".json", ".txt", ".model") and not f.name.startswith(".")
+        and f.name not in ("model.safetensors.index.json", "jaxspec_source.json", LUD_META)):
       shutil.copy(f, tmp / f.name)
   (tmp / LUD_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
   shutil.rmtree(out, ignore_errors=True)
