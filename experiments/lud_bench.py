@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "results" / "lud_bench.json"
-CONFIGS = [("lud", dict(beta=0.5)), ("lud", dict(beta=0.7)), ("lud", dict(beta=0.9)),
-           ("lud", dict(beta=0.7, no_repeat=4)), ("lud", dict(beta=0.3, verify=True))]
+CONFIGS = "lud:beta=0.5 lud:beta=0.7 lud:beta=0.9 lud:beta=0.7,no_repeat=4 lud:beta=0.3,verify=True"
 
 
 def nll_fn(bundle):
@@ -64,25 +63,29 @@ def main() -> int:
   ap.add_argument("--prompts", required=True)
   ap.add_argument("--per-category", type=int, default=2)
   ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--configs", default=CONFIGS, help="lud configurations beside AR, e.g. 'lud:k=2,beta=0.5 lud:beta=0.9'")
   ap.add_argument("--out", default=str(OUT))
   args = ap.parse_args()
 
   import jaxspec
   from jaxspec.bench import load_prompts
   from jaxspec.machine import describe, machine_info
+  from jaxspec.methods import parse_method_list
   from jaxspec.methods.lud import LUD
   from jaxspec.profiling import forward_time_curve
 
   base = jaxspec.load_model(args.model, progress=False)
   lud = LUD(adapters=args.adapters).resolve(base)
   tuned = dataclasses.replace(base, params=lud.target_params(base), method_memory={}, path=None)
-  fixed = dict(adapters="none", placeholder=lud.placeholder, k=lud.k)
+  fixed = dict(adapters="none", placeholder=lud.placeholder, k=lud.k)  # a config's k (< the trained k) overrides
   prompts = load_prompts(args.prompts, per_category=args.per_category)
   machine = machine_info()
   curve = forward_time_curve(base, [1, 2, 4, 8])
   print(describe(machine), "| forward time / T=1:", {t: round(v / curve[1], 2) for t, v in curve.items()})
   nll = nll_fn(base)
-  configs = [("ar", {})] + CONFIGS
+  configs = [("ar", {})] + [(m, o) for m, o, _ in parse_method_list(args.configs)]
+  if any(m != "lud" for m, _ in configs[1:]):
+    ap.error("--configs takes lud configurations only (AR always runs)")
   label = lambda m, o: m + (":" + ",".join(f"{k}={v}" for k, v in o.items()) if o else "")
   run = lambda bundle, p, m, o: jaxspec.generate(bundle, [p], method=m, max_new_tokens=args.new,
                                                  method_options=dict(fixed, **o) if m == "lud" else o)
