@@ -3,6 +3,8 @@ examples' masks, positions and targets are exactly METHODS.md's; LoRA merging; a
 fine-tune learns its units, after which lossy decoding commits several tokens per forward and
 verify mode equals the model's own AR with drafts accepted; lossy with beta > 1 is AR."""
 
+import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -135,6 +137,26 @@ def test_decoding_with_the_fine_tuned_model(trained):
     assert one.token_ids[0] == ar.token_ids[i]
 
 
+def test_lossy_batch_rows_decode_as_alone(trained):
+  """Rows of a batch carry different pending counts (and finish at different steps): each row's
+  lossy output equals its batch-1 output; an EOS inside a committed span ends the row there."""
+  b, rows, _, _ = trained
+  prompts = [r["prompt_ids"] for r in rows[3:7]]
+  opts = dict(adapters="none", placeholder=0, k=3, beta=0.5)
+  batch = jaxspec.generate(b, prompts, max_new_tokens=20, method="lud", method_options=opts)
+  assert batch.stats.tokens_per_forward > 1.3
+  for i, p in enumerate(prompts):
+    assert jaxspec.generate(b, [p], max_new_tokens=20, method="lud", method_options=opts).token_ids[0] == batch.token_ids[i]
+  # a token the spans commit, made an EOS: rows stop at it (nothing after it), even mid-span
+  eos = collections.Counter(t for out in batch.token_ids for t in out[1:]).most_common(1)[0][0]
+  with_eos = dataclasses.replace(b, config=dataclasses.replace(b.config, eos_token_ids=(eos,)), method_memory={})
+  stopped = jaxspec.generate(with_eos, prompts, max_new_tokens=20,
+                             method="lud", method_options=opts)
+  assert any(len(cut) < 20 for cut in stopped.token_ids)
+  for full, cut in zip(batch.token_ids, stopped.token_ids):
+    assert cut == (full[:full.index(eos)] if eos in full else full)
+
+
 def test_repetition_control_cuts_repeated_ngrams():
   from jaxspec.methods.lud import repeat_cut
   tokens = jnp.asarray([[5, 6, 7, 8, 0, 0, 0, 0, 0, 0]])
@@ -224,6 +246,9 @@ def test_exported_model_matches_transformers(smollm2, real_tuned, tmp_path):
   m, tuned = real_tuned
   folder = export_folder(smollm2, m.target_params(smollm2), read_meta(m.adapters), tmp_path / "tuned")
   back = jaxspec.load_model(str(folder), dtype=smollm2.dtype, progress=False)
+  for adapters in (None, "none"):  # the folder's jaxspec_lud.json gives the placeholder and k
+    got = jaxspec.get_method("lud", adapters=adapters).resolve(back)
+    assert (got.adapters, got.placeholder, got.k) == ("none", m.placeholder, m.k)
   goldens = json.load(open(os.path.join(os.path.dirname(__file__), "goldens", "smollm2-135m-instruct-lud.json")))
   worst = 0.0
   for case in goldens["prompts"]:

@@ -129,7 +129,7 @@ class LUD(Method):
     if self.adapters is not None and self.placeholder >= 0 and self.k:  # resolved (or fully given)
       return self
     own = Path(bundle.path) / LUD_META if bundle.path is not None else None
-    if self.adapters is None and own is not None and own.is_file():  # an exported fine-tuned model
+    if self.adapters in (None, "none") and own is not None and own.is_file():  # an exported fine-tuned model
       meta, adapters = json.loads(own.read_text()), "none"
     elif self.adapters == "none":
       meta, adapters = {}, "none"
@@ -212,7 +212,10 @@ class LUD(Method):
       j_T = jnp.arange(T)[None, :]
       drafts_BxT = jnp.pad(ms.draft_BxD, ((0, 0), (1, T - self.k)))
       tokens = jnp.where((j_T >= 1) & (j_T < r_B[:, None]), drafts_BxT, tokens)
-    valid = jnp.arange(T)[None, :] < (r_B + self.k - 1)[:, None]  # what the forward must hold
+    # what the forward must hold; a finished row asks for the smallest size (its pending tokens
+    # would otherwise keep the whole batch on the largest forward)
+    r_B = jnp.where(state.done, 1, r_B)
+    valid = jnp.arange(T)[None, :] < (r_B + self.k - 1)[:, None]
     context = (state.tokens, state.num_tokens) if self.no_repeat else None  # for repetition control
     return Draft(tokens=tokens, valid=valid, context=context), state.method_state
 
