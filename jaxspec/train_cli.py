@@ -37,13 +37,7 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--heads", type=int, default=4, help="k: pseudo tokens (draft depth)")
   h.add_argument("--window", type=int, default=256, help="tokens of each sequence used (its last ones)")
   h.add_argument("--top-k", type=int, default=32, help="teacher log-probs kept per position")
-  h.add_argument("--steps", type=int, default=3000)
-  h.add_argument("--batch-size", type=int, default=64, help="anchors per step")
-  h.add_argument("--lr", type=float, default=1e-3)
-  h.add_argument("--warmup-steps", type=int, default=100)
-  h.add_argument("--eval-every", type=int, default=250)
-  h.add_argument("--save-every", type=int, default=250)
-  h.add_argument("--seed", type=int, default=0)
+  _schedule_options(h, steps=3000, batch_size=(64, "anchors per step"), lr=(1e-3, None), warmup=100, every=(250, 250))
   h.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work); the teacher "
                                                  "store is kept in the --data folder")
   h.add_argument("--out", required=True, help="heads folder to write (params.safetensors + meta.json)")
@@ -59,13 +53,8 @@ def add_train_parsers(sub) -> None:
   u.add_argument("--rank", type=int, default=8)
   u.add_argument("--window", type=int, default=224, help="tokens of each sequence used (its last ones)")
   u.add_argument("--budget", type=int, default=64, help="placeholder slots per example")
-  u.add_argument("--steps", type=int, default=300)
-  u.add_argument("--batch-size", type=int, default=4)
-  u.add_argument("--lr", type=float, default=None, help="default 1e-3 (lora) / 3e-5 (full)")
-  u.add_argument("--warmup-steps", type=int, default=20)
-  u.add_argument("--eval-every", type=int, default=50)
-  u.add_argument("--save-every", type=int, default=25)
-  u.add_argument("--seed", type=int, default=0)
+  _schedule_options(u, steps=300, batch_size=(4, "sequences per step"), lr=(None, "default 1e-3 (lora) / 3e-5 (full)"),
+                    warmup=20, every=(50, 25))
   u.add_argument("--stop-after", type=int, default=None,
                  help="checkpoint and stop at this step of the schedule (rerun without it to finish)")
   u.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work)")
@@ -89,6 +78,18 @@ def add_train_parsers(sub) -> None:
   ex.add_argument("--adapters", default=None, help="adapters folder (default: the packaged ones)")
   ex.add_argument("--out", required=True)
   ex.set_defaults(func=_lud_export)
+
+
+def _schedule_options(p, *, steps: int, batch_size: tuple, lr: tuple, warmup: int, every: tuple):
+  """The trainer's schedule options (jaxspec.train.TrainConfig) with a command's defaults;
+  batch_size and lr are (default, help), every is (eval every, save every)."""
+  p.add_argument("--steps", type=int, default=steps)
+  p.add_argument("--batch-size", type=int, default=batch_size[0], help=batch_size[1])
+  p.add_argument("--lr", type=float, default=lr[0], help=lr[1])
+  p.add_argument("--warmup-steps", type=int, default=warmup)
+  p.add_argument("--eval-every", type=int, default=every[0])
+  p.add_argument("--save-every", type=int, default=every[1])
+  p.add_argument("--seed", type=int, default=0)
 
 
 def _held_out_ids(path, per_category: int) -> set:

@@ -28,3 +28,13 @@ def test_bad_method_specs_fail_before_loading(monkeypatch, capsys, method, needl
   assert cli.main(["generate", "--method", method, "hi"]) == 2
   err = capsys.readouterr().err
   assert needle in err and err.count("\n") == 1
+
+
+def test_train_commands_share_the_schedule_options():
+  parser = cli.build_parser()
+  ht = parser.parse_args(["train", "hidden-transfer", "--data", "d", "--out", "o"])
+  lud = parser.parse_args(["train", "lud", "--data", "d", "--out", "o", "--lr", "2e-4", "--stop-after", "7"])
+  assert (ht.steps, ht.batch_size, ht.lr, ht.warmup_steps, ht.eval_every, ht.save_every) == (3000, 64, 1e-3, 100, 250, 250)
+  assert (lud.steps, lud.batch_size, lud.lr, lud.warmup_steps, lud.eval_every, lud.save_every, lud.stop_after) == (
+      300, 4, 2e-4, 20, 50, 25, 7)
+  assert parser.parse_args(["train", "lud", "--data", "d", "--out", "o"]).lr is None  # the mode's default
