@@ -151,12 +151,13 @@ def _finish_method(bundle, m, state):
     m.observe(bundle, float((np.arange(hist.size) * hist).sum() / active - 1.0), active)
 
 
-def reset_method_memory(bundle, method: str | None = None) -> None:
-  """Forget what methods learned on this bundle (all, or one method's memory key)."""
+def reset_method_memory(bundle, method: str | None = None, **options) -> None:
+  """Forget what methods learned on this bundle (all, or one method's memory key: the method
+  `method` with `options` keeps it under)."""
   if method is None:
     bundle.method_memory.clear()
   else:
-    bundle.method_memory.pop(get_method(method).memory_key, None)
+    bundle.method_memory.pop(get_method(method, **options).memory_key, None)
 
 
 @dataclasses.dataclass

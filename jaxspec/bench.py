@@ -99,7 +99,7 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
     # Every configuration starts from the same learned state (e.g. Token Recycling's adjacency
     # matrix): empty, then warmed by the one untimed call. Otherwise later configurations of a
     # method would inherit what earlier ones learned and the comparison would depend on order.
-    reset_method_memory(bundle, name)
+    reset_method_memory(bundle, name, **opts)
     # Warm with a prompt outside the measured set when there is one: a learned drafter that has
     # seen a measured prompt's own greedy output would predict it too well.
     first = warm_prompts[0] if warm_prompts else prompts[0]

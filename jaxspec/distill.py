@@ -11,6 +11,7 @@ default (what greedy speculative decoding then has to predict), through our batc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,15 +50,58 @@ def read_manifest(folder: str | Path) -> dict:
   return json.loads(path.read_text())
 
 
+def read_distilled(folders, bundle) -> tuple[dict, list[dict]]:
+  """(manifest, rows) of one or several distill folders of `bundle`'s model (e.g. greedy and
+  sampled continuations of the same prompts): rows in folder order; the manifest is the folder's
+  own for one folder, else {"model", "model_fingerprint", "sources": [each folder's manifest]}.
+  A folder of another model, or one with no rows, is a clear error."""
+  from jaxspec.heads_file import model_fingerprint
+  folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+  fingerprint, manifests, rows = model_fingerprint(bundle), [], []
+  for folder in folders:
+    manifest, got = read_manifest(folder), read_sequences(folder)
+    if not got:
+      raise InvalidOptionError(f"{folder} holds no distilled sequences; run `jaxspec distill` first")
+    if manifest["model_fingerprint"] != fingerprint:
+      raise InvalidOptionError(f"{folder} was distilled from {manifest['model']!r} ({manifest['model_fingerprint']}), "
+                               f"not this {bundle.name!r} ({fingerprint}); distill with --model {bundle.name}")
+    manifests.append(manifest)
+    rows += got
+  if len(manifests) == 1:
+    return manifests[0], rows
+  return {"model": bundle.name, "model_fingerprint": fingerprint, "sources": manifests}, rows
+
+
 def distill(bundle, prompts_path: str | Path, out: str | Path, *, max_new_tokens: int = 192, batch_size: int = 16,
             temperature: float = 0.0, exclude_ids: set | None = None, progress: bool = True) -> dict:
   """Generate and store continuations for every prompt of `prompts_path` (Spec-Bench JSONL) not
-  in `exclude_ids` (e.g. the benchmark's held-out question ids). Returns the manifest."""
+  in `exclude_ids` (e.g. the benchmark's held-out question ids). Returns the manifest. One run
+  writes a folder at a time: a second one is refused while the first is alive."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  with _writer_lock(out):
+    return _distill(bundle, prompts_path, out, max_new_tokens, batch_size, temperature, exclude_ids, progress)
+
+
+@contextlib.contextmanager
+def _writer_lock(out: Path):
+  """An exclusive advisory lock on `out/.lock`, released when the process ends however it ends."""
+  import fcntl
+  with open(out / ".lock", "w") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise InvalidOptionError(f"another `jaxspec distill` is writing {out}; wait for it or use another --out") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _distill(bundle, prompts_path, out: Path, max_new_tokens, batch_size, temperature, exclude_ids, progress) -> dict:
   import jaxspec
   from jaxspec.bench import load_prompts
   from jaxspec.heads_file import model_fingerprint
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
   prompts = [p for p in load_prompts(prompts_path, per_category=10**9) if p["id"] not in (exclude_ids or set())]
   manifest = {"model": bundle.name, "model_fingerprint": model_fingerprint(bundle),
               "tokenizer": tokenizer_hash(bundle.tokenizer), "prompts_file": str(prompts_path),

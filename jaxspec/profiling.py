@@ -27,7 +27,7 @@ def curve_key(bundle, context: int) -> str:
   """What a measured curve depends on: the device, the software, the numbers' type."""
   mesh = getattr(bundle, "mesh", None)
   where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
-  return (f"v2|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
+  return (f"v3|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
           f"dtype={jnp.dtype(bundle.dtype).name}|context={context}")
 
 
@@ -60,12 +60,33 @@ def _write_disk(bundle, key: str, curve: dict[int, float]) -> None:
 
 def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9) -> dict[int, float]:
   """Median seconds of one decode forward of T tokens (tree mask = causal) after `context`
-  committed tokens, for each T in sizes (batch 1). Cached per bundle and on disk (see above)."""
+  committed tokens, for each T in sizes (batch 1). Cached per bundle and on disk (see above).
+
+  Every size of a curve is timed in the same interleaved rounds: when a size is missing, the
+  whole curve (cached sizes and new ones) is measured again, so ratios between sizes never mix
+  a busy spell of the machine with a quiet one. Returned times never fall as T grows (each is
+  the largest time measured at or below its size: a dip is measurement noise, and a method
+  would otherwise favour it)."""
   key = curve_key(bundle, context)
-  cached = bundle.method_memory.setdefault(CURVE_KEY, {}).setdefault(key, {})
-  if any(int(t) not in cached for t in sizes):
-    cached.update({t: s for t, s in _read_disk(bundle, key).items() if t not in cached})
-  todo = [int(t) for t in sizes if int(t) not in cached]
+  memory = bundle.method_memory.setdefault(CURVE_KEY, {})
+  want = sorted({int(t) for t in sizes})
+  if not set(want) <= set(memory.get(key, {})):
+    disk = _read_disk(bundle, key)
+    if set(want) <= set(disk):
+      memory[key] = disk
+    else:
+      union = sorted(set(want) | set(disk) | set(memory.get(key, {})))
+      memory[key] = _measure(bundle, union, context, repeats)
+      _write_disk(bundle, key, memory[key])
+  curve = memory[key]
+  ordered = sorted(curve)
+  running = np.maximum.accumulate([curve[t] for t in ordered])
+  monotone = dict(zip(ordered, (float(x) for x in running)))
+  return {int(t): monotone[int(t)] for t in sizes}
+
+
+def _measure(bundle, todo: list[int], context: int, repeats: int) -> dict[int, float]:
+  """Median seconds per size, all sizes compiled first, then timed in interleaved rounds."""
   graphdef = bundle.graphdef
 
   @jax.jit
@@ -87,8 +108,4 @@ def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9) -> d
       t0 = time.perf_counter()
       jax.block_until_ready(fwd(bundle.params, cache, *inputs[T]))
       times[T].append(time.perf_counter() - t0)
-  for T in todo:
-    cached[T] = float(np.median(times[T]))
-  if todo:
-    _write_disk(bundle, key, cached)
-  return {int(t): cached[int(t)] for t in sizes}
+  return {T: float(np.median(times[T])) for T in todo}

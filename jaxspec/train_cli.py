@@ -32,7 +32,7 @@ def add_train_parsers(sub) -> None:
   tsub = t.add_subparsers(dest="what", required=True)
   h = tsub.add_parser("hidden-transfer", help="hidden-transfer heads by self-distillation (resumable)")
   h.add_argument("--model", default=DEFAULT_MODEL)
-  h.add_argument("--data", required=True, help="a `jaxspec distill` folder")
+  h.add_argument("--data", required=True, nargs="+", help="`jaxspec distill` folders (e.g. greedy and sampled)")
   h.add_argument("--layer", type=int, default=26, help="transfer layer t: heads read the residual after t blocks")
   h.add_argument("--heads", type=int, default=4, help="k: pseudo tokens (draft depth)")
   h.add_argument("--window", type=int, default=256, help="tokens of each sequence used (its last ones)")
@@ -45,7 +45,7 @@ def add_train_parsers(sub) -> None:
 
   u = tsub.add_parser("lud", help="fine-tune for Lexical Unit Decoding on a distill folder (resumable)")
   u.add_argument("--model", default=DEFAULT_MODEL)
-  u.add_argument("--data", required=True, help="a `jaxspec distill` folder")
+  u.add_argument("--data", required=True, nargs="+", help="`jaxspec distill` folders (e.g. greedy and sampled)")
   u.add_argument("--mode", choices=("lora", "full"), default="lora",
                  help="lora: low-rank adapters (a small params file); full: every weight (a model folder)")
   u.add_argument("--k", type=int, default=4, help="longest unit: tokens one decode step can commit")
@@ -66,7 +66,7 @@ def add_train_parsers(sub) -> None:
   msub = m.add_subparsers(dest="what", required=True)
   mi = msub.add_parser("mine", help="units of a distill folder under the base model: statistics + plot")
   mi.add_argument("--model", default=DEFAULT_MODEL)
-  mi.add_argument("--data", required=True, help="a `jaxspec distill` folder")
+  mi.add_argument("--data", required=True, nargs="+", help="`jaxspec distill` folders")
   mi.add_argument("--alphas", default="0.5,0.7,0.8,0.9,0.95", help="mining thresholds to report")
   mi.add_argument("--alpha", type=float, default=0.8, help="the threshold whose units are saved")
   mi.add_argument("--k", type=int, default=4)
@@ -110,26 +110,21 @@ def _distill(args) -> int:
 
 def _train_hidden_transfer(args) -> int:
   import jaxspec
-  from jaxspec.distill import read_manifest, read_sequences
-  from jaxspec.errors import InvalidOptionError
-  from jaxspec.heads_file import model_fingerprint, save_params_file
+  from jaxspec.distill import read_distilled
+  from jaxspec.heads_file import save_params_file
   from jaxspec.train import TrainConfig
   from jaxspec.train.hidden_transfer import load_or_build_store, train_heads
 
-  manifest = read_manifest(args.data)
-  rows = read_sequences(args.data)
-  if not rows:
-    raise InvalidOptionError(f"{args.data} holds no distilled sequences; run `jaxspec distill` first")
   bundle = jaxspec.load_model(args.model)
-  if manifest["model_fingerprint"] != model_fingerprint(bundle):
-    raise InvalidOptionError(f"{args.data} was distilled from {manifest['model']!r} ({manifest['model_fingerprint']}), "
-                             f"not this {bundle.name!r}; distill with --model {args.model}")
+  manifest, rows = read_distilled(args.data, bundle)
   workdir = Path(args.workdir or f"{args.out}.work")
-  store = load_or_build_store(bundle, rows, args.layer, args.window, args.top_k, args.data)  # shared by runs
+  store = load_or_build_store(bundle, rows, args.layer, args.window, args.top_k, args.data[0])  # shared by runs
   cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                     eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
   data_manifest = {**manifest, "sequences": len(rows), "window": args.window, "top_k": args.top_k}
-  heads, _, meta = train_heads(bundle, store, args.heads, cfg, workdir, data_manifest=data_manifest)
+  groups = [str(r["question_id"]) for r in rows]
+  heads, _, meta = train_heads(bundle, store, args.heads, cfg, workdir, data_manifest=data_manifest,
+                               seq_groups=groups if len(set(groups)) < len(groups) else None)
   import numpy as np
   save_params_file(args.out, {n: np.asarray(v) for n, v in heads.items()}, meta)
   top1 = " ".join(f"{a:.2f}" for a in meta["eval"]["top1_by_offset"])
@@ -139,19 +134,13 @@ def _train_hidden_transfer(args) -> int:
 
 def _train_lud(args) -> int:
   import jaxspec
-  from jaxspec.distill import read_manifest, read_sequences
-  from jaxspec.errors import InvalidOptionError
-  from jaxspec.heads_file import model_fingerprint, save_params_file
+  from jaxspec.distill import read_distilled
+  from jaxspec.heads_file import save_params_file
   from jaxspec.train import TrainConfig
   from jaxspec.train.lud import LudConfig, export_folder, train_lud
 
-  manifest, rows = read_manifest(args.data), read_sequences(args.data)
-  if not rows:
-    raise InvalidOptionError(f"{args.data} holds no distilled sequences; run `jaxspec distill` first")
   bundle = jaxspec.load_model(args.model)
-  if manifest["model_fingerprint"] != model_fingerprint(bundle):
-    raise InvalidOptionError(f"{args.data} was distilled from {manifest['model']!r}, not this {bundle.name!r}; "
-                             f"distill with --model {args.model}")
+  manifest, rows = read_distilled(args.data, bundle)
   cfg = LudConfig(k=args.k, alpha=args.alpha, mode=args.mode, rank=args.rank, window=args.window, budget=args.budget)
   lr = args.lr if args.lr is not None else (1e-3 if args.mode == "lora" else 3e-5)
   tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
@@ -180,11 +169,11 @@ def _train_lud(args) -> int:
 def _lud_mine(args) -> int:
   import json
   import jaxspec
-  from jaxspec.distill import read_manifest, read_sequences
+  from jaxspec.distill import read_distilled
   from jaxspec.train.lud import corpus
   from jaxspec.train.lud_units import mine_units, mining_report, plot_report, save_units, token_confidence
-  manifest, rows = read_manifest(args.data), read_sequences(args.data)
   bundle = jaxspec.load_model(args.model)
+  manifest, rows = read_distilled(args.data, bundle)
   sequences, categories = corpus(rows, args.window)
   conf = token_confidence(bundle, sequences)
   alphas = sorted({float(a) for a in args.alphas.split(",")} | {args.alpha})

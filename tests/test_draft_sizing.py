@@ -111,3 +111,41 @@ def test_contexts_learn_apart_and_rows_pick_their_own_size():
     stats = draft_sizing.observe(stats, table, jnp.asarray([5, 5]), jnp.asarray([0, 4]), rows, jnp.asarray([0, 1]))
   sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), (1.0, 1.8, 2.4), jnp.asarray([0, 1, 1, 0]))
   assert sizes.tolist() == [1, 5, 5, 1]
+
+
+def test_a_table_per_context_predicts_with_its_own_priors():
+  chain = tuple(range(-1, 4))
+  table = np.stack([draft_sizing.expected_table(chain, [0.0] + [0.3] * 4),  # context 0: drafts rarely hold
+                    draft_sizing.expected_table(chain, [0.0] + [0.9] * 4)])  # context 1: they usually do
+  stats, cost = draft_sizing.init_stats(contexts=2), (1.0, 1.5, 1.8)
+  sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), cost, jnp.asarray([0, 1]))
+  assert sizes.tolist() == [1, 5]
+  # observations are scored against the row's own context's table
+  for _ in range(30):
+    stats = draft_sizing.observe(stats, table, jnp.asarray([5, 5]), jnp.asarray([4, 0]), jnp.asarray([True, True]),
+                                 jnp.asarray([0, 1]))
+  sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), cost, jnp.asarray([0, 1]))
+  assert sizes[0] > 1 and sizes[1] == 1
+
+
+@pytest.mark.parametrize("cost", [(1.0, 1.0, 1.0), (1.0, 50.0, 90.0)])
+def test_recycling_with_a_grafted_lookup_chain_keeps_ar_output(tiny, cost):
+  from jaxspec.methods.token_recycling import TokenRecycling
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  m = TokenRecycling(template="small", lookup=4, cost=cost)
+  assert m.tree.size == 10 and m.forward_sizes == (1, 6, 10)  # small (9) + one node: the main path to depth 4
+  reset_method_memory(tiny, "recycling")
+  got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
+  assert got.token_ids == want.token_ids
+  if cost[1] > 1.0:  # drafting never pays: 1-token forwards only
+    assert got.stats.forward_tokens == got.stats.steps == want.stats.steps
+  else:  # the repetitive rows draft from lookup from the first step, before the matrix has anything
+    reset_method_memory(tiny, "recycling")
+    plain = jaxspec.generate(tiny, PROMPTS, TokenRecycling(template="small", cost=(1.0, 1.0, 1.0)), max_new_tokens=24)
+    assert got.stats.tokens_per_forward > plain.stats.tokens_per_forward > 1.0
+
+
+def test_recycling_lookup_options_are_checked():
+  from jaxspec.methods.token_recycling import TokenRecycling
+  with pytest.raises(InvalidOptionError, match="lookup"):
+    TokenRecycling(template="small", lookup=-1)

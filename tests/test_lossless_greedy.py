@@ -17,7 +17,7 @@ CACHE_LEN = 256  # one cache size for every call: one loop compilation per (meth
 # template and the paper's 80-node `xl`, not all six.
 CONFIGS = [
     ("pld", dict(k=5)),
-    ("recycling", dict(template="small", cost=(1.0, 1.0, 1.0))),  # pay per draft, drafting forced
+    ("recycling", dict(template="small", lookup=5, cost=(1.0, 1.0, 1.0))),  # lookup grafted, drafting forced
     ("recycling", dict(template="xl", adaptive=False)),  # the whole 80-node tree every step
     ("draft", dict(k=3)),  # self-draft (early exit), chain
     ("draft", dict(k=2, width=2)),  # tree

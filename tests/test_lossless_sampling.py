@@ -30,14 +30,17 @@ def setup():
     ("ar", {}),
     ("pld", dict(k=3, max_ngram=2)),
     ("recycling", dict(template="small")),
+    ("recycling", dict(template="small", lookup=3, cost=(1.0, 1.0, 1.0))),  # lookup chain grafted, drafting forced
     ("draft", dict(k=2)),
     ("draft", dict(k=2, width=2)),
     ("draft", dict(k=2, width=2, without_replacement=True)),
 ])
 def test_sampling_matches_ar_distribution(setup, method, opts):
   b, P = setup
-  counts, _ = sample_counts(b, PROMPT, SAMPLING, method, opts)
+  counts, stats = sample_counts(b, PROMPT, SAMPLING, method, opts)
   assert gof_pvalue(counts, P) > 1e-3
+  if opts.get("cost") == (1.0, 1.0, 1.0):  # drafting forced: the tree path was exercised
+    assert stats.tokens_per_forward > 1.0
 
 
 @pytest.mark.slow  # end-to-end sampling, as above: drafts from heads that often match (identity-like)

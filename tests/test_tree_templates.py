@@ -39,6 +39,28 @@ def test_expected_accepted_matches_hand_computation():
   assert tree_templates.expected_accepted(tree, slots, (0.5, 0.2)) == pytest.approx(0.5 + 0.25 + 0.2)
 
 
+@pytest.mark.parametrize("depth", [2, 3, 6])
+def test_main_chain_first_puts_the_slot0_path_first_and_keeps_the_tree(depth):
+  tree, slots = tree_templates.template("small")
+  new, new_slots = tree_templates.main_chain_first(tree, slots, depth)
+  for d in range(1, depth + 1):  # node d: the slot-0 child of node d - 1
+    assert new.parents[d] == d - 1 and new_slots[d] == 0
+  assert all(0 <= p < i for i, p in enumerate(new.parents[1:], start=1))  # parents still first
+  old_paths = {_path(tree, slots, i) for i in range(tree.size)}
+  new_paths = {_path(new, new_slots, i) for i in range(new.size)}
+  assert old_paths <= new_paths and len(new_paths) == new.size  # nothing lost, no duplicate node
+  assert new.size == tree.size + max(0, depth - 3)  # small's main path reaches depth 3
+
+
+def _path(tree, slots, i):
+  """The slots from the root to node i."""
+  out = []
+  while i > 0:
+    out.append(slots[i])
+    i = tree.parents[i]
+  return tuple(reversed(out))
+
+
 def _with_curve(bundle, time_of_size):
   sizes = {tree_templates.template(n)[0].size for n in auto_template.CANDIDATES}
   curve = {s: time_of_size(s) for s in sizes}

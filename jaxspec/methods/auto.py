@@ -2,12 +2,14 @@
 
 Resolves per bundle to a concrete method whose every step pays only for a draft expected to pay
 on this device (jaxspec.methods.draft_sizing): when nothing does, steps are 1-token forwards,
-i.e. AR plus the drafting bookkeeping. Today that is adaptive prompt lookup (the fastest method
-measured here: long, repetitive contexts gain, elsewhere it stays at AR; experiments/NOTES.md).
-With `heads=DIR` it is hidden_transfer with those heads. The packaged hidden-transfer heads are
-not chosen by default: on unseen prompts they measured slower than AR here (their partial pass
-costs ~0.4 of a forward every step). Within a generation the chosen method re-decides every step
-from the acceptance it observes.
+i.e. AR plus the drafting bookkeeping. Today that is Token Recycling's tiny tree with a
+prompt-lookup chain grafted on its main path (experiments/NOTES.md, "auto"): per step and per
+row, a long chain where the text repeats (pld's strength: summarization, RAG, extraction), the
+recycled tree elsewhere (which never lost a category on the CPUs measured), or no draft when
+neither is expected to pay, each from the acceptance observed so far in this generation and the
+device's measured forward times. With `heads=DIR` it is hidden_transfer with those heads. The
+packaged hidden-transfer heads are not chosen by default: on unseen prompts they measured slower
+than AR here (their partial pass costs ~0.4 of a forward every step).
 """
 
 from __future__ import annotations
@@ -16,15 +18,24 @@ import dataclasses
 
 from jaxspec.methods.base import Method
 
+TEMPLATE = "tiny"
+LOOKUP = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class Auto(Method):
   heads: str | None = None  # hidden-transfer heads folder: use them
   name = "auto"
 
+  @property
+  def memory_key(self) -> str | None:
+    """The learned state it keeps across calls: the resolved method's."""
+    from jaxspec.methods.token_recycling import TokenRecycling
+    return None if self.heads is not None else TokenRecycling(template=TEMPLATE, lookup=LOOKUP).memory_key
+
   def resolve(self, bundle) -> Method:
     from jaxspec.methods.hidden_transfer import HiddenTransfer
-    from jaxspec.methods.prompt_lookup import PromptLookup
+    from jaxspec.methods.token_recycling import TokenRecycling
     if self.heads is not None:
       return HiddenTransfer(heads=self.heads).resolve(bundle)
-    return PromptLookup().resolve(bundle)
+    return TokenRecycling(template=TEMPLATE, lookup=LOOKUP).resolve(bundle)

@@ -62,17 +62,31 @@ def init_stats(contexts: int = 1) -> SizingStats:
   return SizingStats(err_CxG=jnp.zeros((contexts, len(SCALES)), jnp.float32))
 
 
+def _per_context(table) -> np.ndarray:
+  """A table as [C, T + 1, G]: one [T + 1, G] table serves every context."""
+  table = np.asarray(table)
+  return table[None] if table.ndim == 2 else table
+
+
+def _context_rows(table_CxTxG, context_B) -> jax.Array:
+  """[B] each row's table index (a shared table: 0)."""
+  return jnp.minimum(context_B, table_CxTxG.shape[0] - 1)
+
+
 def _scale_index(stats: SizingStats, table) -> jax.Array:
   """[C] the best-fitting scale per context."""
-  prior = PRIOR_WEIGHT * (table[-1] - table[-1][int(np.argmin(np.abs(SCALES - 1.0)))]) ** 2
-  return jnp.argmin(stats.err_CxG + jnp.asarray(prior)[None, :], axis=1)
+  full_CxG = _per_context(table)[:, -1]
+  prior_CxG = PRIOR_WEIGHT * (full_CxG - full_CxG[:, int(np.argmin(np.abs(SCALES - 1.0)))][:, None]) ** 2
+  return jnp.argmin(stats.err_CxG + jnp.asarray(prior_CxG), axis=1)
 
 
 def observe(stats: SizingStats, table, verified_B, accepted_B, active_B, context_B=None) -> SizingStats:
   """Fold in one step: row b (in draft context `context[b]`, default 0) verified the first
-  `verified[b]` nodes and accepted `accepted[b]` drafts."""
+  `verified[b]` nodes and accepted `accepted[b]` drafts. `table`: one `expected_table` for every
+  context, or [C, T + 1, G] one per context (contexts whose drafts differ, e.g. grafted chains)."""
   context_B = jnp.zeros_like(verified_B) if context_B is None else context_B
-  predicted_BxG = jnp.asarray(table)[verified_B]
+  table_CxTxG = _per_context(table)
+  predicted_BxG = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B), verified_B]
   err_BxG = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
   return SizingStats(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
 
@@ -81,9 +95,11 @@ def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost: tuple[fl
   """[B]: each row's forward size (one of `sizes`) with the highest expected tokens per second
   under its context's learned scale. `cost[i]`: forward time of sizes[i] tokens relative to one."""
   g_B = _scale_index(stats, table)[context_B]
-  expected_SxB = jnp.asarray(table)[jnp.asarray(sizes)][:, g_B]
-  rate_SxB = (1.0 + expected_SxB) / jnp.asarray(cost, jnp.float32)[:, None]
-  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate_SxB, axis=0)]
+  table_CxTxG = _per_context(table)
+  expected_BxS = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B)[:, None],
+                                          jnp.asarray(sizes)[None, :], g_B[:, None]]
+  rate_BxS = (1.0 + expected_BxS) / jnp.asarray(cost, jnp.float32)[None, :]
+  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate_BxS, axis=1)]
 
 
 def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
@@ -97,7 +113,8 @@ class PrefixSizing:
   """Mixin for a tree drafter whose node list is ordered most probable first: `forward_sizes`
   are `prefix_sizes` of its tree (when `adaptive` and the tree has more than one draft), and
   `limit`/`observe` apply the learned choice. The class provides `adaptive`, `cost`, `tree` and
-  `node_prior()` (per node: acceptance given the parent was accepted, the root's unused)."""
+  `node_prior()` (per node: acceptance given the parent was accepted, the root's unused), or
+  `context_priors()` (one such list per draft context, `Draft.context` saying each row's)."""
 
   @property
   def sized(self) -> bool:
@@ -107,11 +124,16 @@ class PrefixSizing:
   def forward_sizes(self) -> tuple[int, ...]:
     return prefix_sizes(self.tree.size) if self.sized else (self.tree.size,)
 
+  def context_priors(self) -> list[list[float]]:
+    return [self.node_prior()]
+
   @cached_property
   def size_table(self) -> np.ndarray:
-    return expected_table(self.tree.parents, self.node_prior())
+    """[T + 1, G] (one context) or [C, T + 1, G]."""
+    tables = [expected_table(self.tree.parents, p) for p in self.context_priors()]
+    return tables[0] if len(tables) == 1 else np.stack(tables)
 
-  def limit(self, valid_BxT, stats: SizingStats):
+  def limit(self, valid_BxT, stats: SizingStats, context_B=None):
     """valid_BxT cut to each row's paying prefix (unchanged when not sized)."""
     if not self.sized:
       return valid_BxT
@@ -119,10 +141,12 @@ class PrefixSizing:
       raise InvalidOptionError(f"{self.name}: adaptive sizes need `cost`; resolve the method against a model "
                                "first (generate does this)")
     B, T = valid_BxT.shape
-    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.cost, jnp.zeros((B,), jnp.int32))
+    context_B = jnp.zeros((B,), jnp.int32) if context_B is None else context_B
+    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.cost, context_B)
     return valid_BxT & (jnp.arange(T)[None, :] < size_B[:, None])
 
   def observe_step(self, stats: SizingStats, draft, verdict, n_B) -> SizingStats:
     if not self.sized:
       return stats
-    return observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0)
+    # a sized drafter's Draft.context is its rows' draft context ([B] int32) or None
+    return observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0, draft.context)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 from functools import cached_property
 
-import jax
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, last_tokens

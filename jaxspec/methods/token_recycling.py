@@ -10,6 +10,13 @@ Verification is the shared one (deterministic drafts), so outputs equal AR.
 Pay per draft (`adaptive=True`): template nodes are ordered most probable path first, so each
 step verifies the prefix of the template with the best expected tokens/s (acceptance learned
 online, forward times measured; jaxspec.methods.draft_sizing) among `prefix_sizes` of it.
+
+Prompt lookup grafted on the tree (`lookup=L`): the template's main path (slot 0 at every depth,
+extended to depth L and placed first) carries, where the row's last n tokens (n <= max_ngram)
+occurred before, the L tokens that followed them; the rest of the tree hangs off those tokens
+from the matrix as usual. Acceptance is learned per matched n (0: no match, the plain tree), so
+a row in repetitive text verifies the long chain and a row elsewhere the recycled tree or
+nothing. Drafts stay deterministic: outputs are still AR's.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
+from jaxspec.methods.prompt_lookup import PRIOR_ACCEPT as LOOKUP_PRIOR_ACCEPT, lookup_continuation
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
@@ -41,11 +49,14 @@ class RecyclingState:
 @dataclasses.dataclass(frozen=True)
 class TokenRecycling(draft_sizing.PrefixSizing, Method):
   """`template`: a name ("tiny", "small", "medium", "large", "xl", "xxl"), a node count, or "auto"
-  (resolved per bundle by `resolve_auto_template` from measured forward times)."""
+  (resolved per bundle by `resolve_auto_template` from measured forward times). `lookup`: length
+  of the prompt-lookup chain grafted on the main path (0: none)."""
 
   template: str | int = "auto"
   k: int = 8
   adaptive: bool = True
+  lookup: int = 0
+  max_ngram: int = 3  # with lookup: the longest n-gram matched
   cost: tuple[float, ...] | None = None  # forward time per prefix size relative to one token; None: measured
   name = "recycling"
 
@@ -66,9 +77,11 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     return m
 
   def observe(self, bundle, mean_accepted: float, steps: int) -> None:
-    """Record acceptance seen with this template (feeds template="auto")."""
+    """Record acceptance seen with this template (feeds template="auto"); not with a grafted
+    chain, whose acceptance is not the template's."""
     from jaxspec.methods.auto_template import record_acceptance
-    record_acceptance(bundle, self, mean_accepted, steps)
+    if not self.lookup:
+      record_acceptance(bundle, self, mean_accepted, steps)
 
   def __post_init__(self):
     ok_names = set(tree_templates.TEMPLATE_SIZES) | {"xl", "auto"}
@@ -77,13 +90,16 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
                                f"got {self.template!r}")
     if not 1 <= self.k <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"recycling k must be in [1, {len(tree_templates.PRIOR_SLOT_ACCEPT)}]")
+    if self.lookup < 0 or self.max_ngram < 1:
+      raise InvalidOptionError(f"recycling needs lookup >= 0 and max_ngram >= 1, got {self.lookup}, {self.max_ngram}")
 
   @cached_property
   def _template(self):
     if self.template == "auto":
       raise InvalidOptionError("template='auto' must be resolved against a model first (generate does this)")
     prior = tree_templates.PRIOR_SLOT_ACCEPT[: self.k]
-    return tree_templates.template(self.template, prior)
+    tree, slots = tree_templates.template(self.template, prior)
+    return tree_templates.main_chain_first(tree, slots, self.lookup) if self.lookup else (tree, slots)
 
   @property
   def tree(self) -> TreeSpec:
@@ -97,9 +113,19 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     prior = tree_templates.PRIOR_SLOT_ACCEPT
     return [0.0] + [prior[c] for c in self.slots[1:]]
 
+  def context_priors(self) -> list[list[float]]:
+    """Context 0: no lookup match (the recycled tree); n >= 1: an n-gram matched, the main path's
+    first `lookup` nodes carry its continuation."""
+    if not self.lookup:
+      return [self.node_prior()]
+    chain = self.node_prior()
+    chain[1 : self.lookup + 1] = [LOOKUP_PRIOR_ACCEPT] * self.lookup
+    return [self.node_prior()] + [chain] * self.max_ngram
+
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
+    contexts = 1 + (self.max_ngram if self.lookup else 0)
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
-                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats())
+                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     M_Vxk = state.method_state.M_Vxk
@@ -109,13 +135,23 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     seen_V = state.method_state.seen_V
     toks = jnp.zeros((B, tree.size), jnp.int32).at[:, 0].set(last_tokens(state))
     valid = jnp.ones((B, tree.size), bool)
+    context_B = None
+    if self.lookup:  # nodes 1..lookup are the main path (main_chain_first)
+      cont_BxL, found_BxL, context_B = lookup_continuation(state.tokens, state.num_tokens, self.lookup,
+                                                           self.max_ngram, 1)
+      found_BxL = jnp.cumprod(found_BxL.astype(jnp.int32), axis=1).astype(bool)  # a chain: stops at a gap
     for d in range(1, tree.max_depth + 1):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
-      toks = toks.at[:, nodes].set(M_Vxk[parent_tok, slots[nodes]])
-      valid = valid.at[:, nodes].set(valid[:, parents[nodes]] & seen_V[parent_tok])
-    valid = self.limit(valid, state.method_state.sizing)
-    return Draft(tokens=toks, valid=valid), state.method_state
+      tok_Bxn, ok_Bxn = M_Vxk[parent_tok, slots[nodes]], seen_V[parent_tok]
+      if self.lookup and d <= self.lookup:  # the main path's node at this depth takes the lookup token
+        on_chain = nodes == d
+        tok_Bxn = jnp.where(on_chain[None, :] & found_BxL[:, d - 1 : d], cont_BxL[:, d - 1 : d], tok_Bxn)
+        ok_Bxn = ok_Bxn | (on_chain[None, :] & found_BxL[:, d - 1 : d])
+      toks = toks.at[:, nodes].set(tok_Bxn)
+      valid = valid.at[:, nodes].set(valid[:, parents[nodes]] & ok_Bxn)
+    valid = self.limit(valid, state.method_state.sizing, context_B)
+    return Draft(tokens=toks, valid=valid, context=context_B), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     """M[token] <- top-k of the logits at every verified node (nodes past the step's forward

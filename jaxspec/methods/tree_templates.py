@@ -66,3 +66,26 @@ def expected_accepted(tree: TreeSpec, slots, slot_accept) -> float:
   for i in range(1, tree.size):
     p[i] = p[tree.parents[i]] * slot_accept[slots[i]]
   return float(p[1:].sum())
+
+
+def main_chain_first(tree: TreeSpec, slots, depth: int) -> tuple[TreeSpec, tuple[int, ...]]:
+  """(tree, slots) with its main path (slot 0 at every depth) reaching `depth`, nodes reordered
+  root, main path by depth, then the others in their old order (parents still come first).
+
+  A prompt-lookup chain grafted on a template occupies the main path: with it first, every
+  prefix that verifies the chain to depth d is 1 + d nodes."""
+  parents, old_slots = list(tree.parents), list(slots)
+  main, node = [0], 0
+  for _ in range(depth):
+    child = next((i for i in range(1, len(parents)) if parents[i] == node and old_slots[i] == 0), None)
+    if child is None:  # extend the main path past the template's depth
+      parents.append(node)
+      old_slots.append(0)
+      child = len(parents) - 1
+    main.append(child)
+    node = child
+  on_main = set(main)
+  order = main + [i for i in range(len(parents)) if i not in on_main]
+  new_id = {old: new for new, old in enumerate(order)}
+  new_parents = tuple(-1 if parents[i] < 0 else new_id[parents[i]] for i in order)
+  return TreeSpec(new_parents), tuple(old_slots[i] for i in order)

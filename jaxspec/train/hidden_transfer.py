@@ -168,13 +168,19 @@ def _store_arrays(store: Store) -> dict:
 
 
 def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | Path, *, eval_fraction: float = 0.08,
-                data_manifest: dict | None = None, progress: bool = True, stop_after: int | None = None):
-  """Train k heads on `store`; returns (heads, log, meta) with meta ready for save_params_file."""
+                data_manifest: dict | None = None, progress: bool = True, stop_after: int | None = None,
+                seq_groups=None):
+  """Train k heads on `store`; returns (heads, log, meta) with meta ready for save_params_file.
+  `seq_groups`: one label per stored sequence (its prompt): the eval split holds out whole groups."""
   from jaxspec.heads_file import model_fingerprint
+  from jaxspec.train.data import held_out_groups
   anchors = store.anchors(k)
   # eval on whole held-out sequences: neighbouring anchors of one sequence are nearly the same example
-  n_eval = max(1, int(round(len(store.lengths) * eval_fraction)))
-  eval_seqs = np.random.default_rng([cfg.seed, 7]).permutation(len(store.lengths))[:n_eval]
+  if seq_groups is not None:
+    eval_seqs = np.nonzero(held_out_groups(seq_groups, eval_fraction, cfg.seed))[0]
+  else:
+    n_eval = max(1, int(round(len(store.lengths) * eval_fraction)))
+    eval_seqs = np.random.default_rng([cfg.seed, 7]).permutation(len(store.lengths))[:n_eval]
   is_eval = np.isin(anchors.arrays["seq"], eval_seqs)
   train_set = ArrayDataset({n: v[~is_eval] for n, v in anchors.arrays.items()})
   mix = np.random.default_rng([cfg.seed, 8]).permutation(int(is_eval.sum()))  # eval batches: a random sample
@@ -210,6 +216,8 @@ def load_or_build_store(bundle, rows: list[dict], layer: int, window: int, top_k
   from jaxspec.heads_file import model_fingerprint
   key = hashlib.sha256(json.dumps([model_fingerprint(bundle), layer, window, top_k,
                                    [(r["question_id"], len(r["output_ids"])) for r in rows]]).encode()).hexdigest()[:12]
+  if len({str(r["question_id"]) for r in rows}) < len(rows):  # several continuations per prompt: key their tokens
+    key = hashlib.sha256((key + json.dumps([r["output_ids"] for r in rows])).encode()).hexdigest()[:12]
   folder = Path(folder) / f"store-layer{layer}-{key}"
   names = [f.name for f in dataclasses.fields(Store) if f.name != "layer"]
   if folder.is_dir():  # .npy has no bfloat16: those arrays come back as 2-byte voids

@@ -119,7 +119,10 @@ def train_lud(bundle, rows: list[dict], cfg: LudConfig, tcfg: TrainConfig, workd
   from jaxspec.heads_file import model_fingerprint
   sequences, _ = corpus(rows, cfg.window)
   arrays, units, _ = build_dataset(bundle, sequences, cfg, tcfg.seed, progress)
-  train_set, eval_set = ArrayDataset(arrays).split(eval_fraction, tcfg.seed)
+  # several continuations of one prompt (greedy + sampled) stay on one side of the split
+  groups = [str(r["question_id"]) for r in rows]
+  train_set, eval_set = ArrayDataset(arrays).split(eval_fraction, tcfg.seed,
+                                                   groups if len(set(groups)) < len(groups) else None)
   graphdef, params = canonical(bundle)
   names, leaves, treedef = lora.named_leaves(params)
   ph = placeholder_for(bundle, cfg)
