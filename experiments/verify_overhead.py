@@ -7,6 +7,8 @@ one drafted token: T=2, whatever the lookup finds) over the same prompt; the dec
     python experiments/verify_overhead.py [--num-prompts 6] [--max-new-tokens 96] [--rounds 3]
     python experiments/verify_overhead.py --categories rag,summarization --per-category 3 \
         --out experiments/results/verify_overhead_long.json          # long prompts
+    python experiments/verify_overhead.py --curve 1,2,4,6,8,11,16 \
+        --methods "pld:k=1,adaptive=False;pld:k=3,adaptive=False;..." # in-loop step cost vs the profiled curve
 
 Writes experiments/results/verify_overhead.json.
 """
@@ -36,6 +38,7 @@ def main():
   ap.add_argument("--max-new-tokens", type=int, default=96)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--methods", default="pld:k=1")
+  ap.add_argument("--curve", default="", help="also record jaxspec.profiling's forward-time curve at these sizes")
   ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "verify_overhead.json"))
   a = ap.parse_args()
   bundle = jaxspec.load_model(a.model, progress=False)
@@ -51,7 +54,11 @@ def main():
                              max_new_tokens=a.max_new_tokens).stats
         per_step[label].append((s.wall_s - s.prefill_s) / max(s.steps, 1))
   ar = per_step["ar"]
-  report = {"model": a.model, "categories": a.categories, "prompts": len(prompts), "rounds": a.rounds, "load_avg": os.getloadavg(),
+  from jaxspec.machine import machine_info
+  from jaxspec.profiling import forward_time_curve
+  curve = forward_time_curve(bundle, [int(t) for t in a.curve.split(",")]) if a.curve else {}
+  report = {"model": a.model, "machine": machine_info(),
+            "forward_time_curve_ratio": {str(t): v / curve[min(curve)] for t, v in curve.items()}, "categories": a.categories, "prompts": len(prompts), "rounds": a.rounds, "load_avg": os.getloadavg(),
             "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in per_step.items()},
             "ratio_to_ar": {k: statistics.median([x / y for x, y in zip(v, ar)]) for k, v in per_step.items()}}
   for k in per_step:
