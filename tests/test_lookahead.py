@@ -57,6 +57,29 @@ def test_tiny_greedy_matches_ar_and_commits_bonus_on_full_match():
   assert out.stats.accept_hist[3] > 0  # N-1 = 2 guesses accepted plus the bonus: 3 tokens in a step
 
 
+@pytest.mark.parametrize("cost,expect", [((1.0, 1.0, 1.0), "always"), ((1.0, 50.0, 90.0), "probes"),
+                                        ((1.0, 1.0, 90.0), "candidates")])
+def test_adaptive_window_runs_only_what_pays_and_keeps_ar_output(cost, expect):
+  b = make_tiny_bundle(vocab=32)
+  prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [10, 11, 12, 13, 14, 15, 16]]
+  ref = jaxspec.generate(b, prompts, max_new_tokens=40).token_ids
+  full = jaxspec.generate(b, prompts, Lookahead(W=3, N=3, G=3, adaptive=False), max_new_tokens=40)
+  m = Lookahead(W=3, N=3, G=3, cost=cost)
+  assert m.forward_sizes == (1, 7, 13)
+  got = jaxspec.generate(b, prompts, m, max_new_tokens=40)
+  assert got.token_ids == ref == full.token_ids
+  s = got.stats
+  if expect == "always":  # everything pays: the fixed layout's steps exactly
+    assert (s.steps, s.forward_tokens) == (full.stats.steps, full.stats.forward_tokens)
+  elif expect == "probes":  # nothing pays: 1-token steps but for the window's probes (N of every 24 steps)
+    probes = sum(1 for t in range(s.steps) if t % 24 < 3)
+    assert s.forward_tokens == s.steps + probes * 12
+  else:  # candidates pay, the window does not: it runs in probes only, candidates in between
+    assert s.steps < s.forward_tokens < 13 * s.steps and s.tokens_per_forward > 1.0
+  with pytest.raises(InvalidOptionError, match="one time per size"):
+    Lookahead(W=3, N=3, G=3, cost=(1.0, 2.0))
+
+
 def test_bad_options_raise():
   for opts in (dict(N=1), dict(W=0), dict(G=0), dict(bogus=1)):
     with pytest.raises(InvalidOptionError):

@@ -16,6 +16,15 @@ every guess matches). Sampling: candidates are deterministic drafts verified as 
 depth, distinct tokens of the candidates still matching the accepted prefix are tried in order,
 x accepted with probability p(x), on rejection p(x) <- 0 and p renormalised; when all fail the
 token is drawn from what is left of p. Both are lossless.
+
+Pay per draft (`adaptive=True`, the default): forward sizes 1 (pending token only), the
+candidate branch, and the whole layout. The candidates and the window run only while they are
+expected to pay: `hit`, an exponential average of the drafts accepted per step, gives expected
+tokens/s (1 + hit) / time(size) against AR's 1 / time(1) on the device's measured forward times.
+A window that does not pay is dropped (it does not advance, feeds no n-grams) except for a probe
+of N steps every PROBE_EVERY steps, which keeps the pool fresh and `hit` measured; candidates
+still come from the pool it built and the prompt's n-grams. The choice changes what is
+verified, never what is accepted.
 """
 
 from __future__ import annotations
@@ -32,6 +41,11 @@ from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.base import Method
 from jaxspec.methods.forward_layout import ForwardLayout, Segment
 from jaxspec.verify import Draft, TreeSpec, Verdict, verify_candidates_trie
+
+HIT_DECAY = 0.9  # per step: ~10 steps of memory
+HIT_PRIOR = 0.5  # accepted drafts per step assumed before any is seen
+PROBE_EVERY = 24  # a dropped window runs N steps out of every PROBE_EVERY
+
 
 def pool_insert(pool_VxGxK, count_V, keys_M, vals_MxK, ok_M):
   """Insert n-grams one by one (in order): skip one already stored under its key, else write
@@ -75,12 +89,34 @@ class Lookahead(Method):
   G: int = 5
   seed_pool: bool = True
   output_ngrams: bool = False
+  adaptive: bool = True
+  cost: tuple[float, ...] | None = None  # forward time of forward_sizes relative to one token; None: measured
   name = "lookahead"
   has_prefill = True
 
   def __post_init__(self):
     if self.W < 1 or self.N < 2 or self.G < 1:
       raise InvalidOptionError(f"lookahead needs W >= 1, N >= 2, G >= 1, got W={self.W} N={self.N} G={self.G}")
+    if self.cost is not None and len(self.cost) != len(self.forward_sizes):
+      raise InvalidOptionError(f"lookahead cost needs one time per size {self.forward_sizes}, got {self.cost}")
+
+  @property
+  def forward_sizes(self) -> tuple[int, ...]:
+    return (1, self.tree.size, self.scratch_tokens) if self.adaptive else (self.scratch_tokens,)
+
+  def resolve(self, bundle) -> "Lookahead":
+    """Measured forward times of the sizes (once per model and device)."""
+    if not self.adaptive or self.cost is not None:
+      return self
+    from jaxspec.methods.draft_sizing import measured_cost
+    return dataclasses.replace(self, cost=measured_cost(bundle, self.forward_sizes))
+
+  def _pays(self, hit, size_index: int):
+    """Scalar bool: (1 + hit) drafts per forward of forward_sizes[size_index] beat AR."""
+    if self.cost is None:
+      raise InvalidOptionError("lookahead: adaptive sizes need `cost`; resolve the method against a model "
+                               "first (generate does this)")
+    return (1.0 + hit) / self.cost[size_index] >= 1.0
 
   @property
   def K(self) -> int:
@@ -117,10 +153,12 @@ class Lookahead(Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return dict(pool=jnp.zeros((config.vocab_size, self.G, self.K), jnp.int32),
                 count=jnp.zeros((config.vocab_size,), jnp.int32),
-                window=jnp.zeros((batch_size, self.K, self.W), jnp.int32))
+                window=jnp.zeros((batch_size, self.K, self.W), jnp.int32),
+                hit=jnp.asarray(HIT_PRIOR, jnp.float32),  # accepted drafts per step (average)
+                window_steps=jnp.zeros((), jnp.int32))  # forwards the window has run in
 
   def method_state_axes(self, method_state):
-    return dict(pool=(None, None, None), count=(None,), window=("batch", None, None))
+    return dict(pool=(None, None, None), count=(None,), window=("batch", None, None), hit=(), window_steps=())
 
   def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """Window rows from prompt tokens spread over the prompt; pool seeded with prompt n-grams."""
@@ -149,9 +187,14 @@ class Lookahead(Method):
     valid_BxG = g_G[None, :] < jnp.minimum(c_B, G)[:, None]
     tokens = jnp.concatenate([root_B[:, None], cands_BxGxK.reshape(B, G * K), ms["window"].reshape(B, K * self.W)],
                              axis=1)
+    window_on = jnp.ones((), bool)
+    if self.adaptive:  # verify / run only what is expected to pay (a probe keeps the window measured)
+      probe = (state.step % PROBE_EVERY) < self.N
+      window_on = self._pays(ms["hit"], 2) | probe
+      valid_BxG &= self._pays(ms["hit"], 1) | window_on
     valid = jnp.concatenate([jnp.ones((B, 1), bool), jnp.repeat(valid_BxG, K, axis=1),
-                             jnp.ones((B, K * self.W), bool)], axis=1)
-    return Draft(tokens=tokens, valid=valid), ms
+                             jnp.broadcast_to(window_on, (B, K * self.W))], axis=1)
+    return Draft(tokens=tokens, valid=valid, context=window_on), ms
 
   def verify(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
     if sampling.greedy:
@@ -166,8 +209,9 @@ class Lookahead(Method):
     win_BxKxW = ms["window"]
     keys_BxW = win_BxKxW[:, 0, :]
     vals_BxWxK = jnp.concatenate([jnp.swapaxes(win_BxKxW[:, 1:, :], 1, 2), new_BxW[:, :, None]], axis=2)
-    warm = state.step >= K - 1  # rows 1..N-2 come from forwards, not from the init
-    ok_BxW = jnp.broadcast_to(((~state.done) & warm)[:, None], (B, W))
+    window_on = draft.context  # scalar: the window was in this forward
+    warm = ms["window_steps"] >= K - 1  # rows 1..N-2 come from forwards, not from the init
+    ok_BxW = jnp.broadcast_to(((~state.done) & warm & window_on)[:, None], (B, W))
     keys_M, vals_MxK, ok_M = keys_BxW.reshape(-1), vals_BxWxK.reshape(-1, K), ok_BxW.reshape(-1)
     if self.output_ngrams:  # n-grams ending in each newly committed token
       M = self.max_commit
@@ -178,5 +222,9 @@ class Lookahead(Method):
       vals_MxK = jnp.concatenate([vals_MxK, v_out.reshape(-1, K)])
       ok_M = jnp.concatenate([ok_M, ok_out.reshape(-1)])
     ms["pool"], ms["count"] = pool_insert(ms["pool"], ms["count"], keys_M, vals_MxK, ok_M)
-    ms["window"] = jnp.concatenate([win_BxKxW[:, 1:, :], new_BxW[:, None, :]], axis=1)
+    ms["window"] = jnp.where(window_on, jnp.concatenate([win_BxKxW[:, 1:, :], new_BxW[:, None, :]], axis=1), win_BxKxW)
+    ms["window_steps"] = ms["window_steps"] + window_on.astype(jnp.int32)
+    active_B = n_B > 0
+    accepted = jnp.sum(jnp.where(active_B, verdict.n - 1, 0)) / jnp.maximum(jnp.sum(active_B), 1)
+    ms["hit"] = jnp.where(jnp.any(active_B), HIT_DECAY * ms["hit"] + (1 - HIT_DECAY) * accepted, ms["hit"])
     return ms
