@@ -64,7 +64,7 @@ def test_adaptive_window_runs_only_what_pays_and_keeps_ar_output(cost, expect):
   prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [10, 11, 12, 13, 14, 15, 16]]
   ref = jaxspec.generate(b, prompts, max_new_tokens=40).token_ids
   full = jaxspec.generate(b, prompts, Lookahead(W=3, N=3, G=3, adaptive=False), max_new_tokens=40)
-  m = Lookahead(W=3, N=3, G=3, cost=cost)
+  m = Lookahead(W=3, N=3, G=3, adaptive=True, cost=cost)
   assert m.forward_sizes == (1, 7, 13)
   got = jaxspec.generate(b, prompts, m, max_new_tokens=40)
   assert got.token_ids == ref == full.token_ids
@@ -77,7 +77,7 @@ def test_adaptive_window_runs_only_what_pays_and_keeps_ar_output(cost, expect):
   else:  # candidates pay, the window does not: it runs in probes only, candidates in between
     assert s.steps < s.forward_tokens < 13 * s.steps and s.tokens_per_forward > 1.0
   with pytest.raises(InvalidOptionError, match="one time per size"):
-    Lookahead(W=3, N=3, G=3, cost=(1.0, 2.0))
+    Lookahead(W=3, N=3, G=3, adaptive=True, cost=(1.0, 2.0))
 
 
 def test_bad_options_raise():

@@ -17,7 +17,8 @@ depth, distinct tokens of the candidates still matching the accepted prefix are 
 x accepted with probability p(x), on rejection p(x) <- 0 and p renormalised; when all fail the
 token is drawn from what is left of p. Both are lossless.
 
-Pay per draft (`adaptive=True`, the default): forward sizes 1 (pending token only), the
+Pay per draft (`adaptive=True`; off by default, measured slower here: experiments/NOTES.md,
+session 8): forward sizes 1 (pending token only), the
 candidate branch, and the whole layout. The candidates and the window run only while they are
 expected to pay: `hit`, an exponential average of the drafts accepted per step, gives expected
 tokens/s (1 + hit) / time(size) against AR's 1 / time(1) on the device's measured forward times.
@@ -89,7 +90,7 @@ class Lookahead(Method):
   G: int = 5
   seed_pool: bool = True
   output_ngrams: bool = False
-  adaptive: bool = True
+  adaptive: bool = False
   cost: tuple[float, ...] | None = None  # forward time of forward_sizes relative to one token; None: measured
   name = "lookahead"
   has_prefill = True
