@@ -150,9 +150,10 @@ def peaked():
 
 
 @pytest.mark.slow  # end-to-end sampling: thousands of rows per method, several compiles
-def test_sampling_matches_exact_distribution(peaked):
+@pytest.mark.parametrize("opts", [{}, dict(adaptive=True, cost=(1.0, 1.0, 90.0))])  # adaptive: window in probes only
+def test_sampling_matches_exact_distribution(peaked, opts):
   b, prompt, P = peaked
-  counts, stats = sample_counts(b, prompt, SAMPLING, "lookahead", dict(W=3, N=3, G=3), rows=1500, chunks=2)
+  counts, stats = sample_counts(b, prompt, SAMPLING, "lookahead", dict(W=3, N=3, G=3, **opts), rows=1500, chunks=2)
   assert stats.tokens_per_forward > 1.1  # candidates are being accepted
   assert gof_pvalue(counts, P) > 1e-3
 
