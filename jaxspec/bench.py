@@ -2,7 +2,8 @@
 the same process. Exposed as `jaxspec bench`.
 
 For each method (AR first) one warm-up generate compiles it (compile time reported apart),
-then every prompt runs alone (batch 1) and its stats are kept. Per category and overall:
+then every prompt runs alone (batch 1) through every method in turn (interleaved: machine drift
+hits all methods alike; each keeps its own learned state between its calls) and its stats are kept. Per category and overall:
 MAT (tokens / target forwards), per-position acceptance, tokens/s (tokens / wall time without
 compilation), speedup over AR (ratio of those tokens/s, and the median of per-prompt ratios),
 compile time. Writes a JSON file, prints a table, optionally a matplotlib plot, and the
@@ -94,6 +95,7 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   if mesh is not None:
     kw["mesh"] = mesh
   results = OrderedDict()
+  learned = {}  # label -> its learned state (method_memory[memory_key]) between its calls
   for name, opts, label in specs:
     t0 = time.perf_counter()
     # Every configuration starts from the same learned state (e.g. Token Recycling's adjacency
@@ -107,19 +109,32 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
     compile_s = warm.stats.compile_s
     for p in warm_prompts[1:]:
       compile_s += jaxspec.generate(bundle, [p["prompt"]], method=name, method_options=opts, **kw).stats.compile_s
-    runs = []
-    for p in prompts:
-      r = jaxspec.generate(bundle, [p["prompt"]], method=name, method_options=opts, **kw)
-      s = r.stats
-      compile_s += s.compile_s  # a new prompt-length bucket compiles once more
-      runs.append({"id": p["id"], "category": p["category"], "new_tokens": sum(s.new_tokens),
-                   "forwards": sum(s.forwards), "wall_s": s.wall_s, "accept_hist": s.accept_hist,
-                   "steps": s.steps, "forward_tokens": s.forward_tokens,
-                   "token_ids": r.token_ids[0]})
-    results[label] = {"method": name, "options": opts, "compile_s": compile_s,
-                      "total_s": time.perf_counter() - t0, "runs": runs}
+    key = get_method(name, **opts).memory_key
+    learned[label] = (key, bundle.method_memory.pop(key, None) if key else None)
+    results[label] = {"method": name, "options": opts, "compile_s": compile_s, "runs": []}
     if progress:
-      print(f"  {label}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+      print(f"  {label}: compiled and warmed in {time.perf_counter() - t0:.1f}s", flush=True)
+  # Interleaved: every configuration runs on a prompt before the next prompt, so a slow spell of
+  # the machine hits them alike and per-prompt ratios compare like with like. Each keeps its own
+  # learned state across its calls, exactly as if it ran alone.
+  for i, p in enumerate(prompts):
+    for name, opts, label in specs:
+      key, state = learned[label]
+      if key:
+        bundle.method_memory.pop(key, None)
+        if state is not None:
+          bundle.method_memory[key] = state
+      r = jaxspec.generate(bundle, [p["prompt"]], method=name, method_options=opts, **kw)
+      if key:
+        learned[label] = (key, bundle.method_memory.pop(key, None))
+      s = r.stats
+      results[label]["compile_s"] += s.compile_s  # a new prompt-length bucket compiles once more
+      results[label]["runs"].append({"id": p["id"], "category": p["category"], "new_tokens": sum(s.new_tokens),
+                                     "forwards": sum(s.forwards), "wall_s": s.wall_s, "accept_hist": s.accept_hist,
+                                     "steps": s.steps, "forward_tokens": s.forward_tokens,
+                                     "token_ids": r.token_ids[0]})
+    if progress:
+      print(f"  prompt {i + 1}/{len(prompts)} ({p['category']}) done", flush=True)
 
   ar_runs = results["ar"]["runs"]
   cats = sorted({p["category"] for p in prompts})

@@ -86,3 +86,15 @@ def test_run_bench_writes_json_table_and_plot(tmp_path, capsys):
   assert m["cores"] >= 1 and m["cpu_model"] and isinstance(m["isa"], list) and m["device_kind"]
   printed = capsys.readouterr().out
   assert "pld:k=2" in printed and "machine: " in printed and f"{m['cores']} cores" in printed
+
+
+@pytest.mark.slow
+def test_interleaved_methods_keep_their_own_learned_state():
+  """Prompts run through every method in turn; two recycling configurations share one memory key
+  (the matrix), yet each sees only what it learned itself: the same forwards as running alone."""
+  kw = dict(prompts_path=DEV_PROMPTS, categories=["qa", "writing"], per_category=1, max_new_tokens=24, progress=False)
+  tiny, small = "recycling:template=tiny,adaptive=False", "recycling:template=small,adaptive=False"
+  both = run_bench(methods=(tiny, small), **kw)["runs"]
+  alone = run_bench(methods=(small,), **kw)["runs"]
+  assert [r["forwards"] for r in both[small]] == [r["forwards"] for r in alone[small]]
+  assert [r["accept_hist"] for r in both[small]] == [r["accept_hist"] for r in alone[small]]
