@@ -22,6 +22,12 @@ TEMPLATE = "tiny"
 LOOKUP = 5
 
 
+def _default_method():
+  """What `auto` is without heads (before it is resolved against a model)."""
+  from jaxspec.methods.token_recycling import TokenRecycling
+  return TokenRecycling(template=TEMPLATE, lookup=LOOKUP)
+
+
 @dataclasses.dataclass(frozen=True)
 class Auto(Method):
   heads: str | None = None  # hidden-transfer heads folder: use them
@@ -30,12 +36,10 @@ class Auto(Method):
   @property
   def memory_key(self) -> str | None:
     """The learned state it keeps across calls: the resolved method's."""
-    from jaxspec.methods.token_recycling import TokenRecycling
-    return None if self.heads is not None else TokenRecycling(template=TEMPLATE, lookup=LOOKUP).memory_key
+    return None if self.heads is not None else _default_method().memory_key
 
   def resolve(self, bundle) -> Method:
     from jaxspec.methods.hidden_transfer import HiddenTransfer
-    from jaxspec.methods.token_recycling import TokenRecycling
     if self.heads is not None:
       return HiddenTransfer(heads=self.heads).resolve(bundle)
-    return TokenRecycling(template=TEMPLATE, lookup=LOOKUP).resolve(bundle)
+    return _default_method().resolve(bundle)
