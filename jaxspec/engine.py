@@ -122,12 +122,18 @@ def run_steps(params, state: DecodeState, num_steps: jax.Array, mparams=None, *,
   return jax.lax.while_loop(cond, body, pin_state(state, layout, method))
 
 
+# XLA CPU's copy insertion, by default, copies every layer's K and V cache in the loop body
+# rather than prove that the forward's in-place cache write may follow the attention's read;
+# its region analysis proves it (measured: experiments/NOTES.md, session 9). Other backends
+# ignore this option.
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
 prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "prompt_len", "sampling", "eos_ids", "attn_impl",
                                                 "method", "layout"),
-                      donate_argnames=("state",))
+                      donate_argnames=("state",), compiler_options=COMPILER_OPTIONS)
 run_steps_jit = jax.jit(run_steps, static_argnames=("graphdef", "method", "sampling", "eos_ids", "attn_impl",
                                                     "layout"),
-                        donate_argnames=("state",))
+                        donate_argnames=("state",), compiler_options=COMPILER_OPTIONS)
 
 
 class CompiledCache:

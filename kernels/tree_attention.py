@@ -55,17 +55,19 @@ def _dividing(mesh: Mesh, axes: MeshAxes, size: int) -> MeshAxes:
   return axes if names and size % math.prod(mesh.shape[n] for n in names) == 0 else None
 
 
-def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT, *,
-                   impl: str | AttentionImpl = "auto", scale: float | None = None,
+def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT, k_new_BxKxTxD,
+                   v_new_BxKxTxD, *, impl: str | AttentionImpl = "auto", scale: float | None = None,
                    interpret: bool = False) -> jax.Array:
-  """Attention of T new queries over each row's prefix and the tree-masked new tokens: [B,T,H,D].
+  """Attention of T new queries over each row's committed prefix (cache slots < lengths[b]) and
+  the tree-masked new tokens (`k_new`, `v_new` [B, K, T, D]): [B, T, H, D].
 
-  tree_mask: [T, T] for the batch, or [B, T, T] per row (always the XLA path: the Pallas kernels
-  take one mask). interpret=True runs a Pallas kernel in interpret mode (CPU, for tests).
+  tree_mask: [T, T] for the batch, or [B, T, T] per row. A [B, T, T] mask or no cache
+  (`k_cache` None: training) always takes the XLA path: the Pallas kernels take one mask and a
+  cache. interpret=True runs a Pallas kernel in interpret mode (CPU, for tests).
   """
   name = resolve_impl(impl)
-  args = (q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT)
-  if name == "xla" or tree_mask_TxT.ndim == 3:
+  args = (q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_mask_TxT, k_new_BxKxTxD, v_new_BxKxTxD)
+  if name == "xla" or tree_mask_TxT.ndim == 3 or k_cache_BxKxSxD is None:
     return tree_attention_reference(*args, scale=scale)
   kernel = functools.partial(tree_attention_tpu if name == "pallas_tpu" else tree_attention_gpu,
                              scale=scale, interpret=interpret)
@@ -77,5 +79,5 @@ def tree_attention(q_BxTxHxD, k_cache_BxKxSxD, v_cache_BxKxSxD, lengths_B, tree_
   b = _dividing(mesh, impl.batch_axes, B)
   h = _dividing(mesh, impl.kv_head_axes, math.gcd(H, K))  # whole head groups per shard
   q_spec, c_spec = P(b, None, h, None), P(b, h, None, None)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, c_spec, c_spec, P(b), P()),
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, c_spec, c_spec, P(b), P(), c_spec, c_spec),
                        out_specs=q_spec, check_vma=False)(*args)

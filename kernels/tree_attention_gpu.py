@@ -2,7 +2,7 @@
 
 Grid (B, K, N): one program owns a [R, D] block of packed queries (the G heads of one kv group
 times Q new tokens, see `tree_attention_layout`), starts its online softmax from the tree part
-(the new tokens' K/V, gathered by the wrapper, under the tree mask) and then loops over the
+(the new tokens' K/V, given apart from the cache, under the tree mask) and then loops over the
 committed prefix in [block_k, D] steps, stopping at lengths[b]: blocks past it are never read.
 
 Triton wants power-of-two tensor sizes (and >= 16 for `dot`), so R, C and D are powers of two
@@ -108,6 +108,8 @@ def tree_attention_gpu(
     v_cache_BxKxSxD: jax.Array,
     lengths_B: jax.Array,
     tree_mask_TxT: jax.Array,
+    k_new_BxKxTxD: jax.Array,
+    v_new_BxKxTxD: jax.Array,
     *,
     scale: float | None = None,
     block_sizes: BlockSizes = BlockSizes(),
@@ -132,8 +134,8 @@ def tree_attention_gpu(
   lengths_B = layout.clip_lengths(lengths_B, S)
   q_BxKxNRxD = layout.pack_queries(q_BxTxHxD, K, lay)
   tree_NRxC = layout.pack_tree_mask(tree_mask_TxT, lay)
-  k_new_BxKxCxD = layout.gather_new_kv(k_cache_BxKxSxD, lengths_B, lay)
-  v_new_BxKxCxD = layout.gather_new_kv(v_cache_BxKxSxD, lengths_B, lay)
+  k_new_BxKxCxD = layout.pad_new_kv(k_new_BxKxTxD, lay)
+  v_new_BxKxCxD = layout.pad_new_kv(v_new_BxKxTxD, lay)
 
   # Zero padding never counts: padded head-dim columns add 0 to q.k, and padded slots are
   # >= S >= lengths[b], outside every committed prefix.

@@ -9,9 +9,9 @@ Three moves, all cheap XLA ops on arrays of T tokens (the cache itself is never 
     a tall [R, D] x [D, block] matmul instead of G short ones.
   * The tree mask is expanded to the same row order ([N*R, C], int32): the kernels read it
     as a plain block, no per-row index arithmetic.
-  * The K/V of the T new tokens are gathered out of the cache (slots lengths[b] + u) into a
-    dense [B, K, C, D] array, so the tree part is one aligned [R, C] block with the tree mask
-    as is, and the kernels' cache loop only has to cover the committed prefix s < lengths[b].
+  * The K/V of the T new tokens (given apart from the cache) are padded to a dense
+    [B, K, C, D] array, so the tree part is one aligned [R, C] block with the tree mask as is,
+    and the kernels' cache loop only has to cover the committed prefix s < lengths[b].
 """
 
 from __future__ import annotations
@@ -80,16 +80,7 @@ def pack_tree_mask(tree_mask_TxT: jax.Array, lay: PackedLayout) -> jax.Array:
   return jnp.pad(tree_NxGQxC, ((0, 0), (0, R - G * Q), (0, 0))).reshape(N * R, C)
 
 
-def gather_new_kv(cache_BxKxSxD: jax.Array, lengths_B: jax.Array, lay: PackedLayout) -> jax.Array:
-  """[B, K, C, D]: cache slot lengths[b] + u for u < T inside the cache, zeros elsewhere.
-
-  `lengths_B` must already be clipped to [0, S]. The kernels mask column u of row b off when
-  lengths[b] + u >= S (the reference has no such slot), so zeros there never count.
-  """
-  S = cache_BxKxSxD.shape[2]
-  u_C = jnp.arange(lay.C, dtype=jnp.int32)
-  slot_BxC = lengths_B[:, None] + u_C[None, :]
-  valid_BxC = (u_C[None, :] < lay.T) & (slot_BxC < S)
-  new_BxKxCxD = jnp.take_along_axis(
-      cache_BxKxSxD, jnp.clip(slot_BxC, 0, S - 1)[:, None, :, None], axis=2)
-  return jnp.where(valid_BxC[:, None, :, None], new_BxKxCxD, jnp.zeros((), cache_BxKxSxD.dtype))
+def pad_new_kv(new_BxKxTxD: jax.Array, lay: PackedLayout) -> jax.Array:
+  """[B, K, C, D]: the new tokens' K or V, zero columns past T. The kernels mask column u of
+  row b off when lengths[b] + u >= S (no slot for it), as the reference does."""
+  return jnp.pad(new_BxKxTxD, ((0, 0), (0, 0), (0, lay.C - lay.T), (0, 0)))

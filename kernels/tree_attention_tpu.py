@@ -5,8 +5,9 @@ one kv group times Q new tokens, see `tree_attention_layout`) against one [block
 of the cache, flash-style: running max / denominator / fp32 accumulator live in VMEM scratch
 across the kv axis (the last, "arbitrary" grid axis).
 
-  * kv step 0 also folds in the tree part: the new tokens' K/V (gathered by the wrapper) under
-    the tree mask, so the running state starts from the always-present diagonal.
+  * kv step 0 also folds in the tree part: the new tokens' K/V (given apart from the cache,
+    padded by the wrapper) under the tree mask, so the running state starts from the
+    always-present diagonal.
   * Cache blocks at or past lengths[b] hold no committed slot: the kernel skips their compute,
     and their index_map is clamped to the last needed block, so the pipeline sees an unchanged
     block index and issues no new DMA. lengths arrive by scalar prefetch (SMEM).
@@ -114,6 +115,8 @@ def tree_attention_tpu(
     v_cache_BxKxSxD: jax.Array,
     lengths_B: jax.Array,
     tree_mask_TxT: jax.Array,
+    k_new_BxKxTxD: jax.Array,
+    v_new_BxKxTxD: jax.Array,
     *,
     scale: float | None = None,
     block_sizes: BlockSizes = BlockSizes(),
@@ -139,8 +142,8 @@ def tree_attention_tpu(
   lengths_B = layout.clip_lengths(lengths_B, S)
   q_BxKxNRxD = layout.pack_queries(q_BxTxHxD, K, lay)
   tree_NRxC = layout.pack_tree_mask(tree_mask_TxT, lay)
-  k_new_BxKxCxD = layout.gather_new_kv(k_cache_BxKxSxD, lengths_B, lay)
-  v_new_BxKxCxD = layout.gather_new_kv(v_cache_BxKxSxD, lengths_B, lay)
+  k_new_BxKxCxD = layout.pad_new_kv(k_new_BxKxTxD, lay)
+  v_new_BxKxCxD = layout.pad_new_kv(v_new_BxKxTxD, lay)
 
   def q_map(b, h, n, kv, lengths_ref):
     return b, h, n, 0

@@ -77,13 +77,14 @@ class Attention(nnx.Module):
     q_BxTxHxD = apply_rope(q.reshape(B, T, c.num_heads, c.head_dim), cos, sin)
     k_BxTxKxD = apply_rope(k.reshape(B, T, c.num_kv_heads, c.head_dim), cos, sin)
     v_BxTxKxD = v.reshape(B, T, c.num_kv_heads, c.head_dim)
-    if k_cache is None:  # no cache: the T tokens are the whole context (training)
-      keys, values = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)
-      o_BxTxHxD = tree_attention(q_BxTxHxD, keys, values, jnp.zeros((B,), jnp.int32), tree_mask_TxT, impl=attn_impl)
-    else:
-      k_cache = write_scratch(k_cache, k_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
-      v_cache = write_scratch(v_cache, v_BxTxKxD.transpose(0, 2, 1, 3), lengths_B)
-      o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, impl=attn_impl)
+    k_new_BxKxTxD, v_new_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)
+    # Attend first, write after: the attention reads the committed prefix and takes the new K/V
+    # apart, so the cache write below can happen in place (kernels/tree_attention_reference.py).
+    o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, k_new_BxKxTxD,
+                               v_new_BxKxTxD, impl=attn_impl)
+    if k_cache is not None:
+      k_cache = write_scratch(k_cache, k_new_BxKxTxD, lengths_B)
+      v_cache = write_scratch(v_cache, v_new_BxKxTxD, lengths_B)
     out = linear(self, "o_HDxE", o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim))
     return out, k_cache, v_cache
 

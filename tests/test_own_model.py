@@ -53,8 +53,8 @@ class TinyLM(nnx.Module):
       q = (x @ layer["q"][...]).reshape(B, T, c.num_heads, c.head_dim)
       k = (x @ layer["k"][...]).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
       v = (x @ layer["v"][...]).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+      o = tree_attention(q, ks[i], vs[i], cache.lengths, tree_mask_TxT, k, v, impl=attn_impl)
       ks[i], vs[i] = write_scratch(ks[i], k, cache.lengths), write_scratch(vs[i], v, cache.lengths)
-      o = tree_attention(q, ks[i], vs[i], cache.lengths, tree_mask_TxT, impl=attn_impl)
       x = jnp.tanh(x + o.reshape(B, T, -1) @ layer["o"][...])
       if i in {l % c.num_layers for l in capture}:
         hidden[i] = x

@@ -367,14 +367,17 @@ def _worker_tiny(meshes: str, extras: str, out: Path) -> None:
       ks = jax.random.split(jax.random.key(0), 3)
       q = jax.random.normal(ks[0], (4, 3, H, 8))
       kc, vc = (jax.random.normal(k, (4, K, 128, 8)) for k in ks[1:])
+      kn, vn = (jax.random.normal(jax.random.fold_in(k, 1), (4, K, 3, 8)) for k in ks[1:])
       lengths, tmask = jnp.asarray([5, 17, 0, 40], jnp.int32), jnp.tril(jnp.ones((3, 3), bool))
-      want = tree_attention_reference(q, kc, vc, lengths, tmask)
+      want = tree_attention_reference(q, kc, vc, lengths, tmask, kn, vn)
       c_sh = NamedSharding(mesh, layout.spec(CACHE_AXES, kc.shape))
 
-      def attend(q, kc, vc, lengths, tmask):
-        return tree_attention(q, kc, vc, lengths, tmask, impl=layout.attention("pallas_gpu"), interpret=True)
+      def attend(q, kc, vc, lengths, tmask, kn, vn):
+        return tree_attention(q, kc, vc, lengths, tmask, kn, vn, impl=layout.attention("pallas_gpu"),
+                              interpret=True)
 
-      got = jax.jit(attend)(q, jax.device_put(kc, c_sh), jax.device_put(vc, c_sh), lengths, tmask)
+      put = lambda x: jax.device_put(x, c_sh)
+      got = jax.jit(attend)(q, put(kc), put(vc), lengths, tmask, put(kn), put(vn))
       report["pallas_err"][name] = float(jnp.abs(got - want).max())
 
   if "orbax" in extras:  # save from 2x4, restore onto 4x2, decode with the restored params

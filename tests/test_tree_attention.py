@@ -38,18 +38,48 @@ def ancestor_mask(parent_T: np.ndarray) -> np.ndarray:
 
 
 def make_inputs(B, T, G, K, lengths, mask_kind, dtype=jnp.float32, num_slots=S):
+  """(q, k_cache, v_cache, lengths, tree_mask, k_new, v_new), random (seeded by the case)."""
   rng = np.random.default_rng(zlib.crc32(repr((B, T, G, K, lengths, mask_kind)).encode()))
   H = G * K
   q_BxTxHxD = rng.standard_normal((B, T, H, D))
   k_BxKxSxD = rng.standard_normal((B, K, num_slots, D))
   v_BxKxSxD = rng.standard_normal((B, K, num_slots, D))
+  k_new_BxKxTxD = rng.standard_normal((B, K, T, D))
+  v_new_BxKxTxD = rng.standard_normal((B, K, T, D))
   if mask_kind == "causal":
     tree_TxT = np.tril(np.ones((T, T), bool))
   else:
     parent_T = np.array([-1] + [rng.integers(0, t) for t in range(1, T)])
     tree_TxT = ancestor_mask(parent_T)
-  return (jnp.asarray(q_BxTxHxD, dtype), jnp.asarray(k_BxKxSxD, dtype),
-          jnp.asarray(v_BxKxSxD, dtype), jnp.asarray(lengths, jnp.int32), jnp.asarray(tree_TxT))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return (cast(q_BxTxHxD), cast(k_BxKxSxD), cast(v_BxKxSxD), jnp.asarray(lengths, jnp.int32),
+          jnp.asarray(tree_TxT), cast(k_new_BxKxTxD), cast(v_new_BxKxTxD))
+
+
+def one_softmax_oracle(q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, lengths_B, tree_TxT, k_new_BxKxTxD, v_new_BxKxTxD):
+  """The contract written the plain way, in numpy float64: write the new tokens into the cache
+  at lengths[b] + u (where that slot exists), then one masked softmax over all S slots."""
+  q, k, v, kn, vn = (np.asarray(x, np.float64) for x in (q_BxTxHxD, k_BxKxSxD, v_BxKxSxD, k_new_BxKxTxD,
+                                                         v_new_BxKxTxD))
+  lengths, tree = np.asarray(lengths_B), np.asarray(tree_TxT, bool)
+  B, T, H, D = q.shape
+  K, S_ = k.shape[1], k.shape[2]
+  G = H // K
+  out = np.zeros((B, T, H, D))
+  for b in range(B):
+    kb, vb = k[b].copy(), v[b].copy()
+    allowed_TxS = np.zeros((T, S_), bool)
+    allowed_TxS[:, : min(lengths[b], S_)] = True
+    for u in range(T):
+      if lengths[b] + u < S_:
+        kb[:, lengths[b] + u], vb[:, lengths[b] + u] = kn[b, :, u], vn[b, :, u]
+        allowed_TxS[:, lengths[b] + u] = tree[:, u]
+    for h in range(H):
+      s_TxS = q[b, :, h] @ kb[h // G].T / np.sqrt(D)
+      s_TxS = np.where(allowed_TxS, s_TxS, -np.inf)
+      p_TxS = np.exp(s_TxS - s_TxS.max(-1, keepdims=True))
+      out[b, :, h] = (p_TxS / p_TxS.sum(-1, keepdims=True)) @ vb[h // G]
+  return out
 
 
 def assert_close(out, ref, rtol):
@@ -66,6 +96,19 @@ CASES = [  # B, T, G (= H / K), K, lengths, mask
 ]
 
 
+@pytest.mark.parametrize("B,T,G,K,lengths,mask_kind", CASES)
+def test_reference_matches_one_softmax_over_the_written_cache(B, T, G, K, lengths, mask_kind):
+  args = make_inputs(B, T, G, K, lengths, mask_kind)
+  assert_close(tree_attention_reference(*args), one_softmax_oracle(*args), rtol=1e-5)
+
+
+def test_reference_without_cache_is_plain_masked_attention():
+  q, _, _, _, tree_TxT, k_new, v_new = make_inputs(2, 6, 3, 1, [0, 0], "tree")
+  want = one_softmax_oracle(q, k_new, v_new, jnp.zeros((2,), jnp.int32), tree_TxT, k_new, v_new)
+  got = tree_attention_reference(q, None, None, jnp.zeros((2,), jnp.int32), tree_TxT, k_new, v_new)
+  assert_close(got, want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", list(KERNELS))
 @pytest.mark.parametrize("B,T,G,K,lengths,mask_kind", CASES)
 def test_kernel_matches_reference(impl, B, T, G, K, lengths, mask_kind):
@@ -73,18 +116,19 @@ def test_kernel_matches_reference(impl, B, T, G, K, lengths, mask_kind):
   assert_close(KERNELS[impl](*args), tree_attention_reference(*args), rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", list(KERNELS))
-def test_edge_lengths_and_garbage_past_the_tree(impl):
-  # lengths: nothing committed; new tokens running past the cache end (the reference has no
-  # slot for them); longer than the cache (all committed, no new-token slot at all).
+@pytest.mark.parametrize("impl", [None] + list(KERNELS))
+def test_edge_lengths_and_garbage_past_the_prefix(impl):
+  # lengths: nothing committed; new tokens running past the cache end (no slot for them);
+  # longer than the cache (all committed, no new-token slot at all).
   B, T, G, K, lengths = 3, 8, 3, 1, [0, S - 3, S + 50]
-  q, k, v, lengths_B, tree_TxT = make_inputs(B, T, G, K, lengths, "tree")
-  ref = tree_attention_reference(q, k, v, lengths_B, tree_TxT)
-  # Slots past each row's scratch region must never be read into the result, not even as 0 * NaN.
-  slot_S = np.arange(S)
-  past_B1S1 = (slot_S[None, :] >= np.asarray(lengths)[:, None] + T)[:, None, :, None]
-  k, v = (jnp.where(past_B1S1, jnp.nan, x) for x in (k, v))
-  assert_close(KERNELS[impl](q, k, v, lengths_B, tree_TxT), ref, rtol=2e-5)
+  q, k, v, lengths_B, tree_TxT, k_new, v_new = make_inputs(B, T, G, K, lengths, "tree")
+  want = one_softmax_oracle(q, k, v, lengths_B, tree_TxT, k_new, v_new)
+  # Slots past each row's committed prefix must never count: the kernels never read them (not
+  # even as 0 * NaN); the reference's dots run over them with zero weight, so its garbage is finite.
+  past_B1S1 = (np.arange(S)[None, :] >= np.asarray(lengths)[:, None])[:, None, :, None]
+  k, v = (jnp.where(past_B1S1, jnp.nan if impl else 1e4, x) for x in (k, v))
+  attend = tree_attention_reference if impl is None else KERNELS[impl]
+  assert_close(attend(q, k, v, lengths_B, tree_TxT, k_new, v_new), want, rtol=2e-5)
 
 
 @pytest.mark.parametrize("impl", list(KERNELS))
@@ -109,7 +153,8 @@ def test_dispatch():
 def _abstract_args(B, T, H, K, S, D, dtype):
   return (jax.ShapeDtypeStruct((B, T, H, D), dtype), jax.ShapeDtypeStruct((B, K, S, D), dtype),
           jax.ShapeDtypeStruct((B, K, S, D), dtype), jax.ShapeDtypeStruct((B,), jnp.int32),
-          jax.ShapeDtypeStruct((T, T), jnp.bool_))
+          jax.ShapeDtypeStruct((T, T), jnp.bool_), jax.ShapeDtypeStruct((B, K, T, D), dtype),
+          jax.ShapeDtypeStruct((B, K, T, D), dtype))
 
 
 LOWERING_SHAPES = [  # B, T, H, K, S, D, dtype
