@@ -66,7 +66,9 @@ class Attention(nnx.Module):
       self.k_bias = _param(rngs, (K * D,), ("kv_heads",), dtype, init="zeros")
       self.v_bias = _param(rngs, (K * D,), ("kv_heads",), dtype, init="zeros")
 
-  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl):
+  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl, write_cache=True):
+    """(output, K, V): K/V the cache with the new tokens written, or (write_cache=False) the new
+    tokens' own [B, K, T, D]."""
     c = self.c
     B, T, _ = x_BxTxE.shape
     q = linear(self, "q_ExHD", x_BxTxE)
@@ -82,10 +84,12 @@ class Attention(nnx.Module):
     # apart, so the cache write below can happen in place (kernels/tree_attention_reference.py).
     o_BxTxHxD = tree_attention(q_BxTxHxD, k_cache, v_cache, lengths_B, tree_mask_TxT, k_new_BxKxTxD,
                                v_new_BxKxTxD, impl=attn_impl)
+    out = linear(self, "o_HDxE", o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim))
+    if not write_cache:
+      return out, k_new_BxKxTxD, v_new_BxKxTxD
     if k_cache is not None:
       k_cache = write_scratch(k_cache, k_new_BxKxTxD, lengths_B)
       v_cache = write_scratch(v_cache, v_new_BxKxTxD, lengths_B)
-    out = linear(self, "o_HDxE", o_BxTxHxD.reshape(B, T, c.num_heads * c.head_dim))
     return out, k_cache, v_cache
 
 
@@ -109,9 +113,9 @@ class Block(nnx.Module):
     self.mlp_norm_E = _param(rngs, (c.embed_dim,), ("embed",), dtype, init="ones")
     self.mlp = Mlp(c, dtype, rngs)
 
-  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl):
+  def __call__(self, x_BxTxE, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl, write_cache=True):
     h = rms_norm(x_BxTxE, self.attn_norm_E[...], self.c.rms_norm_eps)
-    a, k_cache, v_cache = self.attn(h, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl)
+    a, k_cache, v_cache = self.attn(h, cos, sin, k_cache, v_cache, lengths_B, tree_mask_TxT, attn_impl, write_cache)
     x_BxTxE = x_BxTxE + a
     x_BxTxE = x_BxTxE + self.mlp(rms_norm(x_BxTxE, self.mlp_norm_E[...], self.c.rms_norm_eps))
     return x_BxTxE, k_cache, v_cache
@@ -148,6 +152,7 @@ class Decoder(nnx.Module):
       edit: Callable[[int, jax.Array], jax.Array] | None = None,
       start_layer: int = 0,
       inputs_BxTxE: jax.Array | None = None,
+      write_cache: bool = True,
   ) -> tuple[jax.Array, dict[int, jax.Array], KVCache | None]:
     """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
     `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
@@ -160,6 +165,9 @@ class Decoder(nnx.Module):
     `start_layer` > 0 with `inputs_BxTxE` (the residual stream entering that block; `tokens` is
     then unused and may be None) runs only blocks start_layer.. (a partial pass: pseudo states
     through the upper layers); the cache's K/V of the skipped blocks are left as they are.
+    `write_cache=False` only reads the cache and returns, in its place, the new tokens' K/V
+    (a KVCache of T slots per layer, None for skipped blocks) for `kv_cache.write_new` to write
+    later: a forward inside `lax.switch` then never passes the cache through the conditional.
     """
     c = self.config
     B, T = positions_BxT.shape
@@ -179,7 +187,7 @@ class Decoder(nnx.Module):
         break
       if i < start_layer:
         continue
-      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl)
+      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl, write_cache)
       if edit is not None:
         x = edit(i, x)
       if i in capture:
@@ -187,5 +195,8 @@ class Decoder(nnx.Module):
     x = rms_norm(x, self.final_norm_E[...], c.rms_norm_eps)
     if logits_index_BxN is not None:
       x = jnp.take_along_axis(x, logits_index_BxN[:, :, None], axis=1)
+    if not write_cache:
+      ks = [k if i >= start_layer and (num_layers is None or i < num_layers) else None for i, k in enumerate(ks)]
+      vs = [v if i >= start_layer and (num_layers is None or i < num_layers) else None for i, v in enumerate(vs)]
     out_cache = cache.replace(k=tuple(ks), v=tuple(vs)) if cache is not None else None
     return self.logits(x), hidden, out_cache

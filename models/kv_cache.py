@@ -67,6 +67,13 @@ def write_scratch(cache_BxKxSxD: jax.Array, new_BxKxTxD: jax.Array, lengths_B: j
   return cache_BxKxSxD
 
 
+def write_new(cache: KVCache, new: KVCache) -> KVCache:
+  """Write a forward's new K/V (`new`: T slots per layer, from `write_cache=False`; None for a
+  layer it did not run) to each row's scratch slots [lengths[b], lengths[b] + T)."""
+  keep = lambda c, n: c if n is None else write_scratch(c, n, cache.lengths)
+  return cache.replace(k=tuple(map(keep, cache.k, new.k)), v=tuple(map(keep, cache.v, new.v)))
+
+
 def advance(cache: KVCache, n_B: jax.Array) -> KVCache:
   """Commit the first n[b] scratch slots of each row as they are: no data moves (AR, chains)."""
   return cache.replace(lengths=cache.lengths + n_B.astype(jnp.int32))

@@ -4,9 +4,10 @@ own AR. The contract (README, models/decoder.py):
 
     logits, hidden, cache = model(cache, tokens_BxT, positions_BxT, tree_mask_TxT, capture=(),
                                   logits_index_BxN=None, attn_impl="auto", num_layers=None,
-                                  start_layer=0, inputs_BxTxE=None)
+                                  start_layer=0, inputs_BxTxE=None, write_cache=True)
 
-(`start_layer`/`inputs_BxTxE`, a partial pass through the upper layers, only hidden_transfer uses.)
+(`start_layer`/`inputs_BxTxE`, a partial pass through the upper layers, only hidden_transfer uses;
+`write_cache=False` returns the new tokens' K/V in place of the written cache: the decode step.)
 """
 
 import jax
@@ -40,11 +41,12 @@ class TinyLM(nnx.Module):
                             for _ in range(c.num_layers)])
 
   def __call__(self, cache, tokens_BxT, positions_BxT, tree_mask_TxT, capture=(), logits_index_BxN=None,
-               attn_impl="auto", num_layers=None, start_layer=0, inputs_BxTxE=None):
+               attn_impl="auto", num_layers=None, start_layer=0, inputs_BxTxE=None, write_cache=True):
     c = self.config
     B, T = positions_BxT.shape
     x = inputs_BxTxE if inputs_BxTxE is not None else self.tok_VxE[...][tokens_BxT] + self.pos_PxE[...][positions_BxT]
     ks, vs, hidden = list(cache.k), list(cache.v), {}
+    new_k, new_v = [None] * c.num_layers, [None] * c.num_layers
     for i, layer in enumerate(self.layers):
       if num_layers is not None and i >= num_layers:
         break
@@ -55,12 +57,14 @@ class TinyLM(nnx.Module):
       v = (x @ layer["v"][...]).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
       o = tree_attention(q, ks[i], vs[i], cache.lengths, tree_mask_TxT, k, v, impl=attn_impl)
       ks[i], vs[i] = write_scratch(ks[i], k, cache.lengths), write_scratch(vs[i], v, cache.lengths)
+      new_k[i], new_v[i] = k, v
       x = jnp.tanh(x + o.reshape(B, T, -1) @ layer["o"][...])
       if i in {l % c.num_layers for l in capture}:
         hidden[i] = x
     if logits_index_BxN is not None:
       x = jnp.take_along_axis(x, logits_index_BxN[:, :, None], axis=1)
-    return (x @ self.out_ExV[...]).astype(jnp.float32), hidden, cache.replace(k=tuple(ks), v=tuple(vs))
+    out = cache.replace(k=tuple(ks), v=tuple(vs)) if write_cache else cache.replace(k=tuple(new_k), v=tuple(new_v))
+    return (x @ self.out_ExV[...]).astype(jnp.float32), hidden, out
 
 
 @pytest.fixture(scope="module")

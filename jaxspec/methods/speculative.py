@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, append_tokens, record_step
-from jaxspec.models.kv_cache import advance, commit
+from jaxspec.models.kv_cache import advance, commit, write_new
 from jaxspec.sampling import SamplingConfig
 
 
@@ -30,13 +30,17 @@ def draft_need(valid_BxT: jax.Array) -> jax.Array:
 
 
 def _forward(method, model, attn_impl, size: int, cache, tokens_BxT, positions_BxT):
-  """The forward over the first `size` tokens, logits and captures zero-padded back to T."""
+  """The forward over the first `size` tokens: logits, captures and the new tokens' K/V, all
+  zero-padded back to T. The cache is only read: under `lax.switch`, XLA CPU updated a cache
+  passed through the conditional in place in the first branch only and copied it in the others."""
   T = tokens_BxT.shape[1]
   mask = jnp.asarray(method.forward_mask[:size, :size])
-  logits, hidden, cache = model(cache, tokens_BxT[:, :size], positions_BxT[:, :size], mask,
-                                capture=method.capture, attn_impl=attn_impl)
+  logits, hidden, new_kv = model(cache, tokens_BxT[:, :size], positions_BxT[:, :size], mask,
+                                 capture=method.capture, attn_impl=attn_impl, write_cache=False)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, T - size)] + [(0, 0)] * (x.ndim - 2))
-  return pad(logits), {i: pad(h) for i, h in hidden.items()}, cache
+  pad_slots = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, T - size), (0, 0)])
+  new_kv = new_kv.replace(k=tuple(map(pad_slots, new_kv.k)), v=tuple(map(pad_slots, new_kv.v)))
+  return pad(logits), {i: pad(h) for i, h in hidden.items()}, new_kv
 
 
 def speculative_step(method, model, mparams, state: DecodeState, sampling: SamplingConfig, eos_ids,
@@ -51,12 +55,13 @@ def speculative_step(method, model, mparams, state: DecodeState, sampling: Sampl
   operands = (state.cache, draft.tokens, positions_BxT)
   if len(sizes) == 1:
     size = jnp.asarray(sizes[0], jnp.int32)
-    logits_BxTxV, hidden, cache = _forward(method, model, attn_impl, sizes[0], *operands)
+    logits_BxTxV, hidden, new_kv = _forward(method, model, attn_impl, sizes[0], *operands)
   else:
     branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), draft_need(draft.valid)).astype(jnp.int32)
     size = jnp.asarray(sizes, jnp.int32)[branch]
     branches = [functools.partial(_forward, method, model, attn_impl, n) for n in sizes]
-    logits_BxTxV, hidden, cache = jax.lax.switch(branch, branches, *operands)
+    logits_BxTxV, hidden, new_kv = jax.lax.switch(branch, branches, *operands)
+  cache = write_new(state.cache, new_kv)  # T slots: those past the step's size hold zeros, never read
   verdict = method.verify(draft, logits_BxTxV, sampling, k_ver)
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
