@@ -27,7 +27,7 @@ def curve_key(bundle, context: int) -> str:
   """What a measured curve depends on: the device, the software, the numbers' type."""
   mesh = getattr(bundle, "mesh", None)
   where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
-  return (f"v3|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
+  return (f"v4|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
           f"dtype={jnp.dtype(bundle.dtype).name}|context={context}")
 
 
