@@ -180,6 +180,7 @@ class Decoder(nnx.Module):
     cos, sin = rope_cos_sin(positions_BxT, c.head_dim, c.rope_theta)
     L = len(self.blocks)
     ks, vs = (list(cache.k), list(cache.v)) if cache is not None else ([None] * L, [None] * L)
+    new_ks, new_vs = [None] * L, [None] * L  # write_cache=False: the new tokens' K/V per block run
     lengths_B = cache.lengths if cache is not None else jnp.zeros((B,), jnp.int32)
     hidden = {}
     for i, block in enumerate(self.blocks):
@@ -187,7 +188,11 @@ class Decoder(nnx.Module):
         break
       if i < start_layer:
         continue
-      x, ks[i], vs[i] = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl, write_cache)
+      x, k_i, v_i = block(x, cos, sin, ks[i], vs[i], lengths_B, tree_mask_TxT, attn_impl, write_cache)
+      if write_cache:
+        ks[i], vs[i] = k_i, v_i
+      else:
+        new_ks[i], new_vs[i] = k_i, v_i
       if edit is not None:
         x = edit(i, x)
       if i in capture:
@@ -196,7 +201,6 @@ class Decoder(nnx.Module):
     if logits_index_BxN is not None:
       x = jnp.take_along_axis(x, logits_index_BxN[:, :, None], axis=1)
     if not write_cache:
-      ks = [k if i >= start_layer and (num_layers is None or i < num_layers) else None for i, k in enumerate(ks)]
-      vs = [v if i >= start_layer and (num_layers is None or i < num_layers) else None for i, v in enumerate(vs)]
+      ks, vs = new_ks, new_vs
     out_cache = cache.replace(k=tuple(ks), v=tuple(vs)) if cache is not None else None
     return self.logits(x), hidden, out_cache

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from conftest import jit_forward, make_tiny_bundle
-from jaxspec.models.kv_cache import advance, commit, init_cache
+from jaxspec.models.kv_cache import advance, commit, init_cache, write_new
 
 
 class _Jitted:
@@ -148,3 +148,27 @@ def test_edit_rewrites_the_residual_stream_at_a_layer():
   np.testing.assert_allclose(np.asarray(h[0][0, -1]), np.asarray(pseudo_E))
   np.testing.assert_allclose(np.asarray(edited[:, :3]), np.asarray(plain[:, :3]), rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(edited[:, 3]), np.asarray(plain[:, 3]), atol=1e-4)
+
+
+def test_read_only_forward_then_write_new_equals_the_writing_forward():
+  """write_cache=False returns the new tokens' K/V (None for blocks not run); writing them with
+  write_new gives the cache the writing forward gives, and the logits are the same."""
+  bundle = make_tiny_bundle(seed=2)
+  model = nnx.merge(bundle.graphdef, bundle.params)
+  rng = np.random.default_rng(0)
+  cache = init_cache(bundle.config, 2, 32)
+  cache = cache.replace(k=tuple(jnp.asarray(rng.standard_normal(k.shape), k.dtype) for k in cache.k),
+                        v=tuple(jnp.asarray(rng.standard_normal(v.shape), v.dtype) for v in cache.v),
+                        lengths=jnp.asarray([5, 11], jnp.int32))
+  tokens = jnp.asarray(rng.integers(0, bundle.config.vocab_size, (2, 3)), jnp.int32)
+  pos, mask = cache.lengths[:, None] + jnp.arange(3)[None], jnp.tril(jnp.ones((3, 3), bool))
+  want_logits, _, want_cache = model(cache, tokens, pos, mask)
+  logits, _, new = model(cache, tokens, pos, mask, write_cache=False)
+  assert all(k.shape == (2, bundle.config.num_kv_heads, 3, bundle.config.head_dim) for k in new.k)
+  got_cache = write_new(cache, new)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=1e-6, atol=1e-6)
+  for got, want in zip(got_cache.k + got_cache.v, want_cache.k + want_cache.v):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  _, _, upper = model(cache, None, pos, mask, write_cache=False, start_layer=1,
+                      inputs_BxTxE=jnp.ones((2, 3, bundle.config.embed_dim)))
+  assert upper.k[0] is None and all(k is not None for k in upper.k[1:])
