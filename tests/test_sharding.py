@@ -3,7 +3,8 @@
 The mesh checks run on 8 simulated CPU devices in subprocesses (this pytest process keeps its
 one device): for meshes 1x8, 2x4, 4x2, 8x1, greedy outputs of every method in METHODS equal the
 single-device ones, logits agree, params and cache are sharded as the rules say, Pallas
-attention runs per shard, an orbax checkpoint restores onto another mesh; the real model loads
+attention runs per shard, an orbax checkpoint restores onto another mesh, a training run
+checkpointed on one mesh resumes on another; the real model loads
 shard by shard and decodes identically; a 2-process (multi-host) CLI run prints the
 single-process text from process 0 only.
 """
@@ -158,7 +159,7 @@ def tiny_report(tmp_path_factory):
   from conftest import make_tiny_bundle
   tmp = tmp_path_factory.mktemp("sharding")
   workers = [_start_worker(tmp / "a.json", "tiny", "2x4,1x8", "pallas"),
-             _start_worker(tmp / "b.json", "tiny", "4x2,8x1", "orbax,stream")]
+             _start_worker(tmp / "b.json", "tiny", "4x2,8x1", "orbax,stream,train")]
   ref = {}
   for name, kw in TINY.items():
     bundle = make_tiny_bundle(**kw)
@@ -210,6 +211,10 @@ def test_sharded_decoding_matches_single_device(tiny_report):
   o = tiny_report["orbax"]
   assert o["values_equal"] and o["token_ids"] == tiny_report["ref"]["kv4"]["ar"]
   assert o["k_spec"] == str(P(None, "model")) and o["k_mesh"] == {"data": 4, "model": 2}
+  # a training checkpoint written on 2x4 resumes on 4x2, in place there, with the uninterrupted run's result
+  t = tiny_report["train_resume"]
+  assert t["max_err"] <= 1e-5 * t["scale"], t
+  assert t["w1_spec"] == str(P(None, "model")) and t["w1_mesh"] == {"data": 4, "model": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +398,23 @@ def _worker_tiny(meshes: str, extras: str, out: Path) -> None:
         "values_equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                             zip(jax.tree.leaves(restored), jax.tree.leaves(bundle.params))),
         "k_spec": str(k.sharding.spec), "k_mesh": dict(k.sharding.mesh.shape), "token_ids": _generate(rb, "ar")}
+  if "train" in extras:  # a training run checkpointed on 2x4 resumes on 4x2 like an uninterrupted one
+    from test_train import CFG, _init, _loss, _problem
+
+    from jaxspec.train import train
+    specs = {"w1": P(None, "model"), "w2": P("model", None)}
+    place = lambda params, mesh: {n: jax.device_put(x, NamedSharding(mesh, specs[n])) for n, x in params.items()}
+    data, frozen = _problem(), {"scale": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+      full, _ = train(_loss, _init(), frozen, data, CFG, Path(tmp) / "a", progress=False)
+      train(_loss, place(_init(), jmesh.make_mesh(2, 4)), frozen, data, CFG, Path(tmp) / "b", progress=False,
+            stop_after=33)
+      resumed, _ = train(_loss, place(_init(), jmesh.make_mesh(4, 2)), frozen, data, CFG, Path(tmp) / "b",
+                         progress=False)
+    report["train_resume"] = {
+        "max_err": max(float(np.abs(np.asarray(full[n]) - np.asarray(resumed[n])).max()) for n in full),
+        "scale": max(float(np.abs(np.asarray(full[n])).max()) for n in full),
+        "w1_spec": str(resumed["w1"].sharding.spec), "w1_mesh": dict(resumed["w1"].sharding.mesh.shape)}
   out.write_text(json.dumps(report))
 
 

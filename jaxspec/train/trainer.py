@@ -6,6 +6,9 @@ Guarantees:
   params, optimizer state, step; batches are a function of the step) and reproduces the loss
   curve of an uninterrupted run. Checkpoints are written atomically by orbax (a killed run
   leaves the previous one intact); the last `keep` are kept.
+* Placement: the optimizer state lives on the trainable's mesh (moments sharded like it);
+  a checkpoint restores onto the shardings of the trainable passed in, so a run checkpointed on
+  one mesh resumes on another.
 * A workdir written by a different run (another config or trainable shape) is refused with a
   one-line error instead of being mixed in.
 """
@@ -22,6 +25,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 import orbax.checkpoint as ocp
 
 from jaxspec.errors import InvalidOptionError
@@ -97,6 +101,19 @@ class _Checkpoints:
     self.mgr.close()
 
 
+def _on_devices_of(trainable, state):
+  """`state` with every leaf that is not on the trainable's mesh (the optimizer's step count, a
+  scalar optax puts on the default device) replicated over it; a no-op off a mesh."""
+  meshes = {x.sharding.mesh for x in jax.tree.leaves(trainable) if isinstance(x.sharding, NamedSharding)}
+  if not meshes:
+    return state
+  if len(meshes) > 1:
+    raise InvalidOptionError("the trainable arrays are placed on more than one mesh")
+  replicated = NamedSharding(meshes.pop(), PartitionSpec())
+  on_mesh = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated)
+  return jax.tree.map(on_mesh, state)
+
+
 def _mean_metrics(rows: list[dict]) -> dict:
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
@@ -117,7 +134,7 @@ def train(loss_fn: LossFn, trainable, frozen, data: ArrayDataset, cfg: TrainConf
   workdir.mkdir(parents=True, exist_ok=True)
   fingerprint = _fingerprint(cfg, trainable, run_info or {})
   opt, schedule = make_optimizer(cfg), make_schedule(cfg)
-  state = {"params": trainable, "opt_state": opt.init(trainable)}
+  state = _on_devices_of(trainable, {"params": trainable, "opt_state": opt.init(trainable)})
   ckpts = _Checkpoints(workdir / "checkpoints", cfg.keep)
   log_path = workdir / "log.json"
   log: list[dict] = []
