@@ -35,6 +35,7 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--data", required=True, nargs="+", help="`jaxspec distill` folders (e.g. greedy and sampled)")
   h.add_argument("--layer", type=int, default=26, help="transfer layer t: heads read the residual after t blocks")
   h.add_argument("--heads", type=int, default=4, help="k: pseudo tokens (draft depth)")
+  h.add_argument("--token-input", action="store_true", help="heads also read the pending token's embedding")
   h.add_argument("--window", type=int, default=256, help="tokens of each sequence used (its last ones)")
   h.add_argument("--top-k", type=int, default=32, help="teacher log-probs kept per position")
   _schedule_options(h, steps=3000, batch_size=(64, "anchors per step"), lr=(1e-3, None), warmup=100, every=(250, 250))
@@ -124,7 +125,8 @@ def _train_hidden_transfer(args) -> int:
   data_manifest = {**manifest, "sequences": len(rows), "window": args.window, "top_k": args.top_k}
   groups = [str(r["question_id"]) for r in rows]
   heads, _, meta = train_heads(bundle, store, args.heads, cfg, workdir, data_manifest=data_manifest,
-                               seq_groups=groups if len(set(groups)) < len(groups) else None)
+                               seq_groups=groups if len(set(groups)) < len(groups) else None,
+                               token_input=args.token_input)
   import numpy as np
   save_params_file(args.out, {n: np.asarray(v) for n, v in heads.items()}, meta)
   top1 = " ".join(f"{a:.2f}" for a in meta["eval"]["top1_by_offset"])

@@ -94,13 +94,15 @@ def jit_forward(bundle):
   return lambda *a, **k: fwd(bundle.params, *a, **k)
 
 
-def random_heads_folder(bundle, folder, k=3, layer=1, noise=0.3, seed=7, **meta_overrides):
+def random_heads_folder(bundle, folder, k=3, layer=1, noise=0.3, seed=7, token_input=False, **meta_overrides):
   """A hidden-transfer heads folder of random heads for `bundle` (valid metadata): decoding with
   it must still equal AR, since the verifier decides what is committed."""
   import numpy as np
   from jaxspec.heads_file import model_fingerprint, save_params_file
   from jaxspec.methods.hidden_transfer import KIND, init_heads
-  heads = init_heads(jax.random.key(seed), k, bundle.config.embed_dim, noise=noise)
+  heads = init_heads(jax.random.key(seed), k, bundle.config.embed_dim, noise=noise, token_input=token_input)
+  if token_input:  # random, not the zero init: the pending token must move the drafts
+    heads["U_KxExE"] = noise * jax.random.normal(jax.random.key(seed + 1), heads["U_KxExE"].shape)
   meta = {"kind": KIND, "base_model": bundle.name, "base_fingerprint": model_fingerprint(bundle), "layer": layer,
           "k": k, "embed_dim": bundle.config.embed_dim, "vocab_size": bundle.config.vocab_size,
           "eval": {"accept_by_offset_slot": [[0.5, 0.2, 0.1, 0.05]] * k}}

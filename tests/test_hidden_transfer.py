@@ -12,7 +12,7 @@ import jaxspec
 from conftest import make_tiny_bundle, random_heads_folder
 from jaxspec.errors import HeadsFileError
 from jaxspec.heads_file import save_params_file
-from jaxspec.methods.hidden_transfer import HiddenTransfer
+from jaxspec.methods.hidden_transfer import HiddenTransfer, pseudo_states
 from jaxspec.train import TrainConfig
 from jaxspec.train.hidden_transfer import build_store, train_heads
 
@@ -59,10 +59,25 @@ def test_training_lowers_the_kl_and_measures_acceptance(tiny, store, tmp_path):
   assert got.token_ids == want.token_ids
 
 
+def test_heads_with_token_input_learn_from_the_pending_token(tiny, store, tmp_path):
+  cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=20, save_every=20, log_every=5)
+  heads, log, meta = train_heads(tiny, store, K, cfg, tmp_path / "run", progress=False, token_input=True)
+  evals = [r["eval_loss"] for r in log if "eval_loss" in r]
+  assert evals[-1] < evals[0] and meta["token_input"]
+  assert float(jnp.abs(heads["U_KxExE"]).max()) > 0  # trained away from its zero init
+  # the pending token moves the pseudo states; heads without U ignore it
+  h = jax.random.normal(jax.random.key(0), (2, tiny.config.embed_dim))
+  e = jax.random.normal(jax.random.key(1), (2, tiny.config.embed_dim))
+  assert not np.allclose(pseudo_states(heads, h, e), pseudo_states(heads, h, 2 * e))
+  plain = {n: v for n, v in heads.items() if n != "U_KxExE"}
+  np.testing.assert_array_equal(pseudo_states(plain, h, e), pseudo_states(plain, h))
+
+
 @pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2),
-                                  dict(nodes="auto")])
+                                  dict(nodes="auto"), dict(nodes=6, adaptive=False, token_input=True)])
 def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
-  folder = _save_random_heads(tmp_path / "h", tiny)
+  opts = dict(opts)
+  folder = _save_random_heads(tmp_path / "h", tiny, token_input=opts.pop("token_input", False))
   want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)
   got = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), **opts), max_new_tokens=20)
   assert got.token_ids == want.token_ids
@@ -86,3 +101,9 @@ def test_bad_heads_files_are_clear_errors(tiny, tmp_path):
     jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(bad)), max_new_tokens=4)
   with pytest.raises(HeadsFileError, match="no packaged hidden-transfer heads"):
     jaxspec.generate(tiny, PROMPTS, HiddenTransfer(), max_new_tokens=4)
+  from safetensors.numpy import load_file
+  good = _save_random_heads(tmp_path / "good", tiny)
+  params = dict(load_file(str(good / "params.safetensors")), U_KxExE=np.zeros((K, 32, 8), np.float32))
+  odd = save_params_file(tmp_path / "odd", params, json.loads((good / "meta.json").read_text()))
+  with pytest.raises(HeadsFileError, match="unexpected head arrays"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(odd)), max_new_tokens=4)

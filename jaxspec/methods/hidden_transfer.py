@@ -16,7 +16,11 @@ heads were trained, and with `adaptive` each step verifies the prefix of it that
 (jaxspec.methods.draft_sizing). The first step drafts from the last prompt token's residual,
 captured by the prompt's forward (the prefill hook).
 
-Heads folder: `params.safetensors` (W_KxExE, b_KxE) + `meta.json` (jaxspec.heads_file), made
+Heads may also read the pending token (the tree's root, known when drafting): `U_KxExE` maps
+its input embedding into each pseudo state, which matters when sampling (the sampled token is
+not the anchor's argmax, which the residual alone implies).
+
+Heads folder: `params.safetensors` (W_KxExE, b_KxE, optional U_KxExE) + `meta.json` (jaxspec.heads_file), made
 by `jaxspec train hidden-transfer`. The package ships heads for its default model.
 """
 
@@ -41,25 +45,41 @@ KIND = "hidden_transfer_heads"
 PACKAGED = Path(__file__).resolve().parent.parent / "data" / "heads"  # <model name>/params.safetensors + meta.json
 
 
-def init_heads(key, k: int, embed_dim: int, noise: float = 1e-3) -> dict[str, jax.Array]:
-  """Heads that start as the identity (pseudo state = the anchor's state) plus small noise."""
+def init_heads(key, k: int, embed_dim: int, noise: float = 1e-3, token_input: bool = False) -> dict[str, jax.Array]:
+  """Heads that start as the identity (pseudo state = the anchor's state) plus small noise.
+  `token_input`: also read the pending token (U_KxExE, zero at init), see `pseudo_states`."""
   eye = jnp.broadcast_to(jnp.eye(embed_dim, dtype=jnp.float32), (k, embed_dim, embed_dim))
-  return {"W_KxExE": eye + noise * jax.random.normal(key, (k, embed_dim, embed_dim)),
-          "b_KxE": jnp.zeros((k, embed_dim), jnp.float32)}
+  heads = {"W_KxExE": eye + noise * jax.random.normal(key, (k, embed_dim, embed_dim)),
+           "b_KxE": jnp.zeros((k, embed_dim), jnp.float32)}
+  if token_input:
+    heads["U_KxExE"] = jnp.zeros((k, embed_dim, embed_dim), jnp.float32)
+  return heads
 
 
-def pseudo_states(heads, h_BxE: jax.Array) -> jax.Array:
-  """[B, k, E]: pseudo_i = h W_i + b_i."""
+def reads_token(heads) -> bool:
+  """Whether the heads also read the pending token's embedding (heads with U_KxExE)."""
+  return "U_KxExE" in heads
+
+
+def pseudo_states(heads, h_BxE: jax.Array, e_BxE: jax.Array | None = None) -> jax.Array:
+  """[B, k, E]: pseudo_i = h W_i + b_i (+ e U_i for heads that read the pending token, whose input
+  embedding is e: the token after the anchor, known when drafting, sampled or not)."""
   h = h_BxE.astype(jnp.float32)
-  return jnp.einsum("be,kef->bkf", h, heads["W_KxExE"]) + heads["b_KxE"][None]
+  x = jnp.einsum("be,kef->bkf", h, heads["W_KxExE"]) + heads["b_KxE"][None]
+  if reads_token(heads):
+    x = x + jnp.einsum("be,kef->bkf", e_BxE.astype(jnp.float32), heads["U_KxExE"])
+  return x
 
 
-def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="auto") -> jax.Array:
+def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="auto",
+                  pending_B: jax.Array | None = None) -> jax.Array:
   """[B, k, V]: the pseudo states of the token after each row's committed prefix, through blocks
   layer..L-1 at positions lengths + i (pseudo i stands at the i-th next position and predicts
   the token after it), attending to the committed prefix (`cache.lengths`) and causally to each
-  other. The one drafting forward of decoding and of training."""
-  x_BxKxE = pseudo_states(heads, h_BxE)
+  other. `pending_B`: the token at position lengths (needed by heads that read it). The one
+  drafting forward of decoding and of training."""
+  e_BxE = model.embed_VxE[...][pending_B] if reads_token(heads) else None
+  x_BxKxE = pseudo_states(heads, h_BxE, e_BxE)
   B, k, _ = x_BxKxE.shape
   positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
   dtype = cache.k[layer].dtype  # the model's compute dtype
@@ -133,6 +153,9 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
       params, meta = load_params_file(self.heads, bundle, KIND)
       if params["W_KxExE"].shape[0] != self.k:
         raise HeadsFileError(f"{self.heads}: meta says k={self.k}, weights have {params['W_KxExE'].shape[0]}")
+      unknown = set(params) - {"W_KxExE", "b_KxE", "U_KxExE"}
+      if unknown or ("U_KxExE" in params and params["U_KxExE"].shape != params["W_KxExE"].shape):
+        raise HeadsFileError(f"{self.heads}: unexpected head arrays {sorted(unknown) or ['U_KxExE (shape)']}")
       bundle.method_memory[key] = {n: jnp.asarray(v) for n, v in params.items()}
     return bundle.method_memory[key]
 
@@ -200,7 +223,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     B, T = state.batch_size, tree.size
     m = int(max(slots[1:])) + 1 if T > 1 else 1
     valid = self.limit((jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None], ms.sizing)
-    pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl)
+    pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl,
+                                   pending_B=last_tokens(state))
     V = model.config.vocab_size
     # no row drafts this step: skip the partial pass (its cost would make the step dearer than AR)
     logits_BxKxV = jax.lax.cond(jnp.any(valid[:, 1:]), pseudo, lambda: jnp.zeros((B, self.k, V), jnp.float32))

@@ -114,7 +114,8 @@ def head_logits(model, heads, store_arrays, batch, layer: int):
   ks = (None,) * layer + tuple(k_up[:, j] for j in range(L - layer))
   vs = (None,) * layer + tuple(v_up[:, j] for j in range(L - layer))
   cache = KVCache(k=ks, v=vs, lengths=n + 1)
-  return pseudo_logits(model, heads, cache, store_arrays["h"][seq, n], layer)
+  pending = store_arrays["tokens"][seq, n + 1]  # the token after the anchor (the tree's root when decoding)
+  return pseudo_logits(model, heads, cache, store_arrays["h"][seq, n], layer, pending_B=pending)
 
 
 def kl_loss(graphdef, layer: int):
@@ -163,15 +164,16 @@ def acceptance_by_offset_slot(bundle, heads, store: Store, data: ArrayDataset, b
 
 
 def _store_arrays(store: Store) -> dict:
-  return {"h": jnp.asarray(store.h), "k": jnp.asarray(store.k), "v": jnp.asarray(store.v),
+  return {"tokens": jnp.asarray(store.tokens), "h": jnp.asarray(store.h), "k": jnp.asarray(store.k), "v": jnp.asarray(store.v),
           "top_ids": jnp.asarray(store.top_ids), "top_logp": jnp.asarray(store.top_logp)}
 
 
 def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | Path, *, eval_fraction: float = 0.08,
                 data_manifest: dict | None = None, progress: bool = True, stop_after: int | None = None,
-                seq_groups=None):
+                seq_groups=None, token_input: bool = False):
   """Train k heads on `store`; returns (heads, log, meta) with meta ready for save_params_file.
-  `seq_groups`: one label per stored sequence (its prompt): the eval split holds out whole groups."""
+  `seq_groups`: one label per stored sequence (its prompt): the eval split holds out whole groups.
+  `token_input`: heads that also read the pending token (`pseudo_states`)."""
   from jaxspec.heads_file import model_fingerprint
   from jaxspec.train.data import held_out_groups
   anchors = store.anchors(k)
@@ -185,9 +187,9 @@ def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | P
   train_set = ArrayDataset({n: v[~is_eval] for n, v in anchors.arrays.items()})
   mix = np.random.default_rng([cfg.seed, 8]).permutation(int(is_eval.sum()))  # eval batches: a random sample
   eval_set = ArrayDataset({n: v[is_eval][mix] for n, v in anchors.arrays.items()})
-  heads = init_heads(jax.random.key(cfg.seed), k, bundle.config.embed_dim)
+  heads = init_heads(jax.random.key(cfg.seed), k, bundle.config.embed_dim, token_input=token_input)
   frozen = {"params": bundle.params, "store": _store_arrays(store)}
-  run_info = {"kind": KIND, "layer": store.layer, "k": k, "base": model_fingerprint(bundle),
+  run_info = {"kind": KIND, "layer": store.layer, "k": k, "token_input": token_input, "base": model_fingerprint(bundle),
               "anchors": len(anchors), "data": data_manifest or {}}
   t0 = time.perf_counter()
   heads, log = train(kl_loss(bundle.graphdef, store.layer), heads, frozen, train_set, cfg, workdir,
@@ -195,7 +197,7 @@ def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | P
   accept = acceptance_by_offset_slot(bundle, heads, store, eval_set)
   last_eval = next((r for r in reversed(log) if "eval_loss" in r), {})
   meta = {"kind": KIND, "base_model": bundle.name, "base_fingerprint": model_fingerprint(bundle),
-          "layer": store.layer, "k": k, "embed_dim": bundle.config.embed_dim,
+          "layer": store.layer, "k": k, "token_input": token_input, "embed_dim": bundle.config.embed_dim,
           "vocab_size": bundle.config.vocab_size, "data": data_manifest or {},
           "train": {**dataclasses.asdict(cfg), "anchors": len(train_set), "eval_anchors": len(eval_set),
                     "seconds": time.perf_counter() - t0},
