@@ -77,16 +77,17 @@ def build_store(bundle, sequences: list[list[int]], layer: int, window: int = 25
   graphdef = bundle.graphdef
 
   @jax.jit
-  def teacher(params, toks_BxS):
-    model = nnx.merge(graphdef, params)
+  def teacher(params, empty_cache, toks_BxS):  # an argument, not built inside: XLA would constant-fold
+    model = nnx.merge(graphdef, params)         # the attention over an all-zero cache (minutes of compile)
     B = toks_BxS.shape[0]
     pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    logits, hidden, cache = model(init_cache(c, B, S, bundle.dtype), toks_BxS, pos, None, capture=(layer - 1,))
+    logits, hidden, cache = model(empty_cache, toks_BxS, pos, None, capture=(layer - 1,))
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_logp, top_ids = jax.lax.top_k(logp, top_k)
     kv = lambda xs: jnp.stack(xs[layer:], axis=1).astype(jnp.bfloat16)  # [B, L-layer, K, S, D]
     return hidden[layer - 1].astype(jnp.float32), kv(cache.k), kv(cache.v), top_ids.astype(jnp.int32), top_logp
 
+  empty = init_cache(c, batch_size, S, bundle.dtype)
   parts = []
   bar = None
   if progress:
@@ -95,7 +96,7 @@ def build_store(bundle, sequences: list[list[int]], layer: int, window: int = 25
   for s in range(0, N, batch_size):
     chunk = tokens[s:s + batch_size]
     pad = batch_size - len(chunk)
-    out = teacher(bundle.params, jnp.asarray(np.pad(chunk, ((0, pad), (0, 0)))))
+    out = teacher(bundle.params, empty, jnp.asarray(np.pad(chunk, ((0, pad), (0, 0)))))
     parts.append([np.asarray(x)[:len(chunk)] for x in out])
     if bar is not None:
       bar.update(len(chunk))
