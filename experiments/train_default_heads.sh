@@ -8,7 +8,7 @@ RUNS=${1:-runs}
 jaxspec distill --prompts experiments/data/distill_prompts.jsonl --out "$RUNS/distill" --max-new-tokens 192
 jaxspec distill --prompts experiments/data/distill_prompts.jsonl --out "$RUNS/distill_t07" --max-new-tokens 192 \
     --temperature 0.7
-jaxspec train hidden-transfer --data "$RUNS/distill" "$RUNS/distill_t07" --layer 26 --heads 4 --steps 3000 --batch-size 64 \
+jaxspec train hidden-transfer --data "$RUNS/distill" "$RUNS/distill_t07" --layer 26 --heads 4 --token-input --steps 3000 --batch-size 64 \
     --out "$RUNS/heads-smollm2"
 mkdir -p jaxspec/data/heads/smollm2-135m-instruct
 cp "$RUNS/heads-smollm2/params.safetensors" "$RUNS/heads-smollm2/meta.json" jaxspec/data/heads/smollm2-135m-instruct/
