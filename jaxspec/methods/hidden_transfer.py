@@ -78,6 +78,8 @@ def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="
   the token after it), attending to the committed prefix (`cache.lengths`) and causally to each
   other. `pending_B`: the token at position lengths (needed by heads that read it). The one
   drafting forward of decoding and of training."""
+  if reads_token(heads) and pending_B is None:
+    raise ValueError("these heads read the pending token: pass pending_B")
   e_BxE = model.embed_VxE[...][pending_B] if reads_token(heads) else None
   x_BxKxE = pseudo_states(heads, h_BxE, e_BxE)
   B, k, _ = x_BxKxE.shape

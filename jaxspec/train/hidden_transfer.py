@@ -165,8 +165,8 @@ def acceptance_by_offset_slot(bundle, heads, store: Store, data: ArrayDataset, b
 
 
 def _store_arrays(store: Store) -> dict:
-  return {"tokens": jnp.asarray(store.tokens), "h": jnp.asarray(store.h), "k": jnp.asarray(store.k), "v": jnp.asarray(store.v),
-          "top_ids": jnp.asarray(store.top_ids), "top_logp": jnp.asarray(store.top_logp)}
+  return {"tokens": jnp.asarray(store.tokens), "h": jnp.asarray(store.h), "k": jnp.asarray(store.k),
+          "v": jnp.asarray(store.v), "top_ids": jnp.asarray(store.top_ids), "top_logp": jnp.asarray(store.top_logp)}
 
 
 def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | Path, *, eval_fraction: float = 0.08,
@@ -190,8 +190,8 @@ def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | P
   eval_set = ArrayDataset({n: v[is_eval][mix] for n, v in anchors.arrays.items()})
   heads = init_heads(jax.random.key(cfg.seed), k, bundle.config.embed_dim, token_input=token_input)
   frozen = {"params": bundle.params, "store": _store_arrays(store)}
-  run_info = {"kind": KIND, "layer": store.layer, "k": k, "token_input": token_input, "base": model_fingerprint(bundle),
-              "anchors": len(anchors), "data": data_manifest or {}}
+  run_info = {"kind": KIND, "layer": store.layer, "k": k, "token_input": token_input,
+              "base": model_fingerprint(bundle), "anchors": len(anchors), "data": data_manifest or {}}
   t0 = time.perf_counter()
   heads, log = train(kl_loss(bundle.graphdef, store.layer), heads, frozen, train_set, cfg, workdir,
                      eval_data=eval_set, run_info=run_info, progress=progress, stop_after=stop_after)

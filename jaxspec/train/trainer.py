@@ -25,8 +25,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxspec.errors import InvalidOptionError
 from jaxspec.train.data import ArrayDataset
