@@ -98,3 +98,8 @@ def test_interleaved_methods_keep_their_own_learned_state():
   alone = run_bench(methods=(small,), **kw)["runs"]
   assert [r["forwards"] for r in both[small]] == [r["forwards"] for r in alone[small]]
   assert [r["accept_hist"] for r in both[small]] == [r["accept_hist"] for r in alone[small]]
+  # repeats start from the state before the prompt: the same drafts each time, and the learned
+  # state carried to the next prompt is the first run's
+  rep = run_bench(methods=(small,), repeats=2, **kw)["runs"][small]
+  assert [r["forwards_repeats"] for r in rep] == [[r["forwards"]] * 2 for r in alone[small]]
+  assert all(len(r["wall_s_repeats"]) == 2 and r["wall_s"] > 0 for r in rep)

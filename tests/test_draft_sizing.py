@@ -149,3 +149,30 @@ def test_recycling_lookup_options_are_checked():
   from jaxspec.methods.token_recycling import TokenRecycling
   with pytest.raises(InvalidOptionError, match="lookup"):
     TokenRecycling(template="small", lookup=-1)
+
+
+def test_lookup_priors_grow_with_the_matched_ngram():
+  from jaxspec.methods.prompt_lookup import PRIOR_ACCEPT_BY_NGRAM, prior_accept
+  assert prior_accept(0, 3) == [0.0, 0.0, 0.0]  # no match: no draft
+  assert prior_accept(9, 2) == list(PRIOR_ACCEPT_BY_NGRAM[3][:2])  # longer n-grams: the longest measured
+  deep = prior_accept(1, 12)
+  assert len(deep) == 12 and deep[8:] == [PRIOR_ACCEPT_BY_NGRAM[1][-1]] * 4
+  assert prior_accept(1, 1) < prior_accept(2, 1) < prior_accept(3, 1)
+  # pld: one table per matched n; at the same cost a 3-gram match drafts deeper than a 1-gram one
+  m = PromptLookup(k=5, cost=(1.0, 1.5, 1.8))
+  assert m._table.shape == (4, 7, len(draft_sizing.SCALES))
+  sizes = draft_sizing.best_sizes(draft_sizing.init_stats(4), m._table, m.sizes, m.cost, jnp.asarray([0, 1, 3]))
+  assert sizes.tolist() == [1, 1, 6]
+
+
+def test_recycling_grafts_lookup_only_from_min_ngram(tiny):
+  """min_ngram=2: a row whose only match is one token drafts the recycled tree (context 0)."""
+  from jaxspec.methods.token_recycling import TokenRecycling
+  with pytest.raises(InvalidOptionError, match="min_ngram"):
+    TokenRecycling(template="small", lookup=4, min_ngram=4)
+  m = TokenRecycling(template="small", lookup=4, min_ngram=2, cost=(1.0, 1.0, 1.0))
+  assert len(m.context_priors()) == 4 and m.context_priors()[3][1] > m.context_priors()[1][1]
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  reset_method_memory(tiny, "recycling")
+  got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
+  assert got.token_ids == want.token_ids

@@ -12,8 +12,8 @@ step verifies the prefix of the template with the best expected tokens/s (accept
 online, forward times measured; jaxspec.methods.draft_sizing) among `prefix_sizes` of it.
 
 Prompt lookup grafted on the tree (`lookup=L`): the template's main path (slot 0 at every depth,
-extended to depth L and placed first) carries, where the row's last n tokens (n <= max_ngram)
-occurred before, the L tokens that followed them; the rest of the tree hangs off those tokens
+extended to depth L and placed first) carries, where the row's last n tokens (min_ngram <= n <=
+max_ngram) occurred before, the L tokens that followed them; the rest of the tree hangs off those tokens
 from the matrix as usual. Acceptance is learned per matched n (0: no match, the plain tree), so
 a row in repetitive text verifies the long chain and a row elsewhere the recycled tree or
 nothing. Drafts stay deterministic: outputs are still AR's.
@@ -33,7 +33,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
-from jaxspec.methods.prompt_lookup import PRIOR_ACCEPT as LOOKUP_PRIOR_ACCEPT, lookup_continuation
+from jaxspec.methods.prompt_lookup import lookup_continuation, prior_accept
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
@@ -57,6 +57,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
   adaptive: bool = True
   lookup: int = 0
   max_ngram: int = 3  # with lookup: the longest n-gram matched
+  min_ngram: int = 1  # with lookup: the shortest n-gram whose continuation replaces the main path
   cost: tuple[float, ...] | None = None  # forward time per prefix size relative to one token; None: measured
   name = "recycling"
 
@@ -90,8 +91,9 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
                                f"got {self.template!r}")
     if not 1 <= self.k <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"recycling k must be in [1, {len(tree_templates.PRIOR_SLOT_ACCEPT)}]")
-    if self.lookup < 0 or self.max_ngram < 1:
-      raise InvalidOptionError(f"recycling needs lookup >= 0 and max_ngram >= 1, got {self.lookup}, {self.max_ngram}")
+    if self.lookup < 0 or not 1 <= self.min_ngram <= self.max_ngram:
+      raise InvalidOptionError(f"recycling needs lookup >= 0 and 1 <= min_ngram <= max_ngram, got lookup="
+                               f"{self.lookup}, min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
 
   @cached_property
   def _template(self):
@@ -115,12 +117,16 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
 
   def context_priors(self) -> list[list[float]]:
     """Context 0: no lookup match (the recycled tree); n >= 1: an n-gram matched, the main path's
-    first `lookup` nodes carry its continuation."""
+    first `lookup` nodes carry its continuation (prior: prompt lookup's measured acceptance for
+    that n). Contexts below min_ngram are never used."""
     if not self.lookup:
       return [self.node_prior()]
-    chain = self.node_prior()
-    chain[1 : self.lookup + 1] = [LOOKUP_PRIOR_ACCEPT] * self.lookup
-    return [self.node_prior()] + [chain] * self.max_ngram
+    priors = [self.node_prior()]
+    for n in range(1, self.max_ngram + 1):
+      chain = self.node_prior()
+      chain[1 : self.lookup + 1] = prior_accept(n, self.lookup)
+      priors.append(chain)
+    return priors
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     contexts = 1 + (self.max_ngram if self.lookup else 0)
@@ -138,7 +144,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     context_B = None
     if self.lookup:  # nodes 1..lookup are the main path (main_chain_first)
       cont_BxL, found_BxL, context_B = lookup_continuation(state.tokens, state.num_tokens, self.lookup,
-                                                           self.max_ngram, 1)
+                                                           self.max_ngram, self.min_ngram)
       found_BxL = jnp.cumprod(found_BxL.astype(jnp.int32), axis=1).astype(bool)  # a chain: stops at a gap
     for d in range(1, tree.max_depth + 1):
       nodes = np.nonzero(depth == d)[0]
