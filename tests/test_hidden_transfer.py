@@ -10,7 +10,7 @@ import pytest
 
 import jaxspec
 from conftest import make_tiny_bundle, random_heads_folder
-from jaxspec.errors import HeadsFileError
+from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.heads_file import save_params_file
 from jaxspec.methods.hidden_transfer import HiddenTransfer, pseudo_states
 from jaxspec.train import TrainConfig
@@ -74,7 +74,8 @@ def test_heads_with_token_input_learn_from_the_pending_token(tiny, store, tmp_pa
 
 
 @pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2),
-                                  dict(nodes="auto"), dict(nodes=6, adaptive=False, token_input=True)])
+                                  dict(nodes="auto"), dict(nodes=6, adaptive=False, token_input=True),
+                                  dict(nodes=6, lookup=5, min_ngram=1, cost=(1.0, 1.0, 1.0))])
 def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   opts = dict(opts)
   folder = _save_random_heads(tmp_path / "h", tiny, token_input=opts.pop("token_input", False))
@@ -82,6 +83,23 @@ def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   got = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), **opts), max_new_tokens=20)
   assert got.token_ids == want.token_ids
   assert got.stats.steps <= want.stats.steps
+
+
+def test_a_grafted_lookup_chain_drafts_where_the_text_repeats(tiny, tmp_path):
+  """Random heads rarely draft right; the lookup chain on the main path does in repetitive rows,
+  and a step whose only drafts are grafted ones skips the heads' partial pass (same output)."""
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  plain = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), nodes=4, adaptive=False), max_new_tokens=24)
+  m = HiddenTransfer(heads=str(folder), nodes=4, lookup=6, min_ngram=1, adaptive=False)
+  got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
+  assert got.token_ids == want.token_ids
+  assert got.stats.tokens_per_forward > plain.stats.tokens_per_forward
+  only_chain = HiddenTransfer(heads=str(folder), nodes=4, lookup=6, min_ngram=1, cost=(1.0, 1.0, 99.0))
+  assert only_chain.resolve(tiny).forward_sizes[1] <= 1 + 6  # the middle prefix is the main path alone
+  assert jaxspec.generate(tiny, PROMPTS, only_chain, max_new_tokens=24).token_ids == want.token_ids
+  with pytest.raises(InvalidOptionError, match="min_ngram"):
+    HiddenTransfer(lookup=2, min_ngram=0)
 
 
 def test_bad_heads_files_are_clear_errors(tiny, tmp_path):

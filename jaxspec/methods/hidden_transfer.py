@@ -16,6 +16,10 @@ heads were trained, and with `adaptive` each step verifies the prefix of it that
 (jaxspec.methods.draft_sizing). The first step drafts from the last prompt token's residual,
 captured by the prompt's forward (the prefill hook).
 
+With `lookup=L` a prompt-lookup chain is grafted on the tree's main path where the text repeats
+(jaxspec.methods.lookup_graft): a 3-token match is right four times in five here, far above
+what the heads draft; a step whose whole draft is the grafted chain skips the partial pass.
+
 Heads may also read the pending token (the tree's root, known when drafting): `U_KxExE` maps
 its input embedding into each pseudo state, which matters when sampling (the sampled token is
 not the anchor's argmax, which the residual alone implies).
@@ -39,6 +43,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
+from jaxspec.methods.lookup_graft import graft, grafted_priors, main_path_lookup
 from jaxspec.verify import Draft, TreeSpec
 
 KIND = "hidden_transfer_heads"
@@ -109,11 +114,16 @@ class HTState:
 @dataclasses.dataclass(frozen=True)
 class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   """`heads`: a heads folder (default: the packaged heads of the model). `nodes`: verified tree
-  nodes (drafts, root excluded) or "auto" (picked from the measured forward times)."""
+  nodes (drafts, root excluded) or "auto" (picked from the measured forward times). `lookup`:
+  length of a prompt-lookup chain grafted on the main path (0: none), from n-gram matches of
+  min_ngram..max_ngram tokens."""
 
   heads: str | None = None
   nodes: int | str = 12
   adaptive: bool = True
+  lookup: int = 0
+  max_ngram: int = 3
+  min_ngram: int = 2
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   # resolved from the heads' meta.json
   layer: int = 0
@@ -125,6 +135,9 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def __post_init__(self):
     if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
       raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
+    if self.lookup < 0 or not 1 <= self.min_ngram <= self.max_ngram:
+      raise InvalidOptionError(f"hidden_transfer needs lookup >= 0 and 1 <= min_ngram <= max_ngram, got lookup="
+                               f"{self.lookup}, min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
 
   def _path(self, bundle) -> Path:
     return Path(self.heads) if self.heads else default_heads(bundle.name)
@@ -173,7 +186,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def _tree_and_slots(self):
     if not self.k:
       raise InvalidOptionError("hidden_transfer must be resolved against a model first (generate does this)")
-    return self._template(int(self.nodes))
+    tree, slots = self._template(int(self.nodes))
+    return tree_templates.main_chain_first(tree, slots, self.lookup) if self.lookup else (tree, slots)
 
   def _pick_nodes(self, bundle) -> int:
     """The template size with the best expected tokens/s on this device's forward-time curve."""
@@ -190,8 +204,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return float(table[-1][int(np.argmin(np.abs(draft_sizing.SCALES - 1.0)))])
 
   def _node_accept(self, tree, slots) -> list[float]:
-    depth = tree.depth
-    return [0.0] + [self.accept[depth[i] - 1][slots[i]] for i in range(1, tree.size)]
+    depth = tree.depth  # a grafted main path may reach past the heads' k offsets: no head draft there
+    return [0.0] + [self.accept[depth[i] - 1][slots[i]] if depth[i] <= self.k else 0.0 for i in range(1, tree.size)]
 
   @property
   def tree(self) -> TreeSpec:
@@ -204,11 +218,15 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def node_prior(self) -> list[float]:
     return self._node_accept(*self._tree_and_slots)
 
+  def context_priors(self) -> list[list[float]]:
+    return grafted_priors(self.node_prior(), self.lookup, self.max_ngram) if self.lookup else [self.node_prior()]
+
   # ---- state and step ------------------------------------------------------------------
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return HTState(h_BxE=jnp.zeros((batch_size, config.embed_dim), jnp.float32),
-                   has_h_B=jnp.zeros((batch_size,), bool), sizing=draft_sizing.init_stats())
+                   has_h_B=jnp.zeros((batch_size,), bool),
+                   sizing=draft_sizing.init_stats(1 + (self.max_ngram if self.lookup else 0)))
 
   def method_state_axes(self, method_state):
     return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)))
@@ -224,17 +242,25 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
     m = int(max(slots[1:])) + 1 if T > 1 else 1
-    valid = self.limit((jnp.arange(T)[None, :] == 0) | ms.has_h_B[:, None], ms.sizing)
+    depth = tree.depth
+    head_node_T = (depth >= 1) & (depth <= self.k)  # nodes a head drafts (not the root, not past offset k)
+    ok_BxT = jnp.asarray(head_node_T)[None, :] & ms.has_h_B[:, None]
+    tokens = jnp.zeros((B, T), jnp.int32).at[:, 0].set(last_tokens(state))
+    grafted_BxT, context_B = jnp.zeros((B, T), bool), None
+    if self.lookup:
+      cont_BxL, found_BxL, context_B = main_path_lookup(state, self.lookup, self.max_ngram, self.min_ngram)
+      tokens, ok_BxT, grafted_BxT = graft(tokens, ok_BxT, cont_BxL, found_BxL)
+    valid = self.limit((jnp.arange(T)[None, :] == 0) | ok_BxT, ms.sizing, context_B)
     pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl,
                                    pending_B=last_tokens(state))
     V = model.config.vocab_size
-    # no row drafts this step: skip the partial pass (its cost would make the step dearer than AR)
-    logits_BxKxV = jax.lax.cond(jnp.any(valid[:, 1:]), pseudo, lambda: jnp.zeros((B, self.k, V), jnp.float32))
+    # no row verifies a head's draft this step: skip the partial pass (it would make the step dearer)
+    needs_heads = jnp.any(valid[:, 1:] & ~grafted_BxT[:, 1:])
+    logits_BxKxV = jax.lax.cond(needs_heads, pseudo, lambda: jnp.zeros((B, self.k, V), jnp.float32))
     top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
-    depth = tree.depth
-    node_tok = top_BxKxM[:, np.maximum(depth - 1, 0), np.maximum(np.asarray(slots), 0)]  # [B, T]
-    tokens = node_tok.at[:, 0].set(last_tokens(state))
-    return Draft(tokens=tokens, valid=valid), ms
+    node_tok = top_BxKxM[:, np.clip(depth - 1, 0, self.k - 1), np.maximum(np.asarray(slots), 0)]  # [B, T]
+    tokens = jnp.where(grafted_BxT | (jnp.arange(T) == 0)[None, :], tokens, node_tok)
+    return Draft(tokens=tokens, valid=valid, context=context_B), ms
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     """Keep the layer-t residual of each row's last accepted node: the next step's anchor."""

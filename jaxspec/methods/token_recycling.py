@@ -33,7 +33,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
-from jaxspec.methods.prompt_lookup import lookup_continuation, prior_accept
+from jaxspec.methods.lookup_graft import grafted_priors, main_path_lookup
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
@@ -121,12 +121,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     that n). Contexts below min_ngram are never used."""
     if not self.lookup:
       return [self.node_prior()]
-    priors = [self.node_prior()]
-    for n in range(1, self.max_ngram + 1):
-      chain = self.node_prior()
-      chain[1 : self.lookup + 1] = prior_accept(n, self.lookup)
-      priors.append(chain)
-    return priors
+    return grafted_priors(self.node_prior(), self.lookup, self.max_ngram)
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     contexts = 1 + (self.max_ngram if self.lookup else 0)
@@ -143,9 +138,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     valid = jnp.ones((B, tree.size), bool)
     context_B = None
     if self.lookup:  # nodes 1..lookup are the main path (main_chain_first)
-      cont_BxL, found_BxL, context_B = lookup_continuation(state.tokens, state.num_tokens, self.lookup,
-                                                           self.max_ngram, self.min_ngram)
-      found_BxL = jnp.cumprod(found_BxL.astype(jnp.int32), axis=1).astype(bool)  # a chain: stops at a gap
+      cont_BxL, found_BxL, context_B = main_path_lookup(state, self.lookup, self.max_ngram, self.min_ngram)
     for d in range(1, tree.max_depth + 1):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
