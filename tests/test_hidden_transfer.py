@@ -90,7 +90,8 @@ def test_a_grafted_lookup_chain_drafts_where_the_text_repeats(tiny, tmp_path):
   and a step whose only drafts are grafted ones skips the heads' partial pass (same output)."""
   folder = _save_random_heads(tmp_path / "h", tiny)
   want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
-  plain = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), nodes=4, adaptive=False), max_new_tokens=24)
+  plain = jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), nodes=4, adaptive=False, lookup=0),
+                           max_new_tokens=24)
   m = HiddenTransfer(heads=str(folder), nodes=4, lookup=6, min_ngram=1, adaptive=False)
   got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
   assert got.token_ids == want.token_ids
