@@ -8,8 +8,8 @@ MAT (tokens / target forwards), per-position acceptance, tokens/s (tokens / wall
 compilation), speedup over AR (ratio of those tokens/s, and the median of per-prompt ratios),
 compile time. With `repeats` > 1 every prompt runs that many times per method (from the same
 learned state each time) and its time is the median: per-prompt ratios on short outputs swing
-+-10% on a noisy machine otherwise. Writes a JSON file, prints a table, optionally a matplotlib plot, and the
-device's forward-time curve (seconds per forward vs tokens in the forward).
++-10% on a noisy machine otherwise. Writes a JSON file, prints a table, optionally a matplotlib
+plot, and the device's forward-time curve (seconds per forward vs tokens in the forward).
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def format_table(report: dict) -> str:
            f"{report['max_new_tokens']} new tokens, temperature {report['temperature']}"]
   if report.get("machine"):
     lines.append("machine: " + describe(report["machine"]))
-  head = f"{'method':<28}{'MAT':>6}{'T/fwd':>6}{'tok/s':>8}{'speedup':>9}{'med':>6}{'min':>6}{'compile':>9}  same-as-AR  " + \
+  head = (f"{'method':<28}{'MAT':>6}{'T/fwd':>6}{'tok/s':>8}{'speedup':>9}{'med':>6}{'min':>6}{'compile':>9}"
+          "  same-as-AR  ") + \
          "  ".join(f"{c[:10]:>10}" for c in cats)
   lines += [head, "-" * len(head)]
   for label, s in report["summary"].items():
@@ -206,7 +207,8 @@ def format_table(report: dict) -> str:
     cat_cells = "  ".join(f"{s['categories'][c]['mat']:>4.2f}/{s['categories'][c].get('speedup', 1):>4.2f}"
                           for c in cats)
     lines.append(f"{label:<28}{o['mat']:>6.2f}{o.get('mean_forward_tokens', 0):>6.2f}{o['tokens_per_s']:>8.1f}{o.get('speedup', 1.0):>9.2f}"
-                 f"{o.get('speedup_median', 1.0):>6.2f}{o.get('speedup_min', 1.0):>6.2f}{s['compile_s']:>8.1f}s  {s['identical_to_ar']:>10}  "
+                 f"{o.get('speedup_median', 1.0):>6.2f}{o.get('speedup_min', 1.0):>6.2f}{s['compile_s']:>8.1f}s"
+                 f"  {s['identical_to_ar']:>10}  "
                  f"{cat_cells}")
   lines.append("(per category: MAT/speedup; T/fwd = tokens in each decode forward; speedup = tokens/s over AR in "
                "this run; med/min = median/lowest per-prompt ratio)")

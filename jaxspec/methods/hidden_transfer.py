@@ -43,7 +43,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
-from jaxspec.methods.lookup_graft import graft, grafted_priors, main_path_lookup
+from jaxspec.methods.lookup_graft import check_options, graft, grafted_priors, main_path_lookup, num_contexts
 from jaxspec.verify import Draft, TreeSpec
 
 KIND = "hidden_transfer_heads"
@@ -135,9 +135,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def __post_init__(self):
     if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
       raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
-    if self.lookup < 0 or not 1 <= self.min_ngram <= self.max_ngram:
-      raise InvalidOptionError(f"hidden_transfer needs lookup >= 0 and 1 <= min_ngram <= max_ngram, got lookup="
-                               f"{self.lookup}, min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
+    check_options("hidden_transfer", self.lookup, self.min_ngram, self.max_ngram)
 
   def _path(self, bundle) -> Path:
     return Path(self.heads) if self.heads else default_heads(bundle.name)
@@ -226,7 +224,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return HTState(h_BxE=jnp.zeros((batch_size, config.embed_dim), jnp.float32),
                    has_h_B=jnp.zeros((batch_size,), bool),
-                   sizing=draft_sizing.init_stats(1 + (self.max_ngram if self.lookup else 0)))
+                   sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram)))
 
   def method_state_axes(self, method_state):
     return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)))

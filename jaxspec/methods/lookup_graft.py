@@ -14,7 +14,20 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState
+from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.prompt_lookup import lookup_continuation, prior_accept
+
+
+def check_options(method: str, lookup: int, min_ngram: int, max_ngram: int) -> None:
+  """A clear error for a graft that cannot exist."""
+  if lookup < 0 or not 1 <= min_ngram <= max_ngram:
+    raise InvalidOptionError(f"{method} needs lookup >= 0 and 1 <= min_ngram <= max_ngram, got lookup={lookup}, "
+                             f"min_ngram={min_ngram}, max_ngram={max_ngram}")
+
+
+def num_contexts(lookup: int, max_ngram: int) -> int:
+  """Draft contexts the sizing learns apart: 0 (no match) and, with a graft, each matched n."""
+  return 1 + (max_ngram if lookup else 0)
 
 
 def main_path_lookup(state: DecodeState, length: int, max_ngram: int, min_ngram: int):

@@ -33,7 +33,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
-from jaxspec.methods.lookup_graft import grafted_priors, main_path_lookup
+from jaxspec.methods.lookup_graft import check_options, grafted_priors, main_path_lookup, num_contexts
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
@@ -91,9 +91,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
                                f"got {self.template!r}")
     if not 1 <= self.k <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"recycling k must be in [1, {len(tree_templates.PRIOR_SLOT_ACCEPT)}]")
-    if self.lookup < 0 or not 1 <= self.min_ngram <= self.max_ngram:
-      raise InvalidOptionError(f"recycling needs lookup >= 0 and 1 <= min_ngram <= max_ngram, got lookup="
-                               f"{self.lookup}, min_ngram={self.min_ngram}, max_ngram={self.max_ngram}")
+    check_options("recycling", self.lookup, self.min_ngram, self.max_ngram)
 
   @cached_property
   def _template(self):
@@ -124,7 +122,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     return grafted_priors(self.node_prior(), self.lookup, self.max_ngram)
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
-    contexts = 1 + (self.max_ngram if self.lookup else 0)
+    contexts = num_contexts(self.lookup, self.max_ngram)
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
                           seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts))
 
