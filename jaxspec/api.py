@@ -137,14 +137,14 @@ def _prepare(bundle, prompts, method, max_new_tokens, temperature, top_k, top_p,
   key = jax.random.key(seed) if isinstance(seed, int) else seed
   state = sharding.state_initializer(layout)(bundle.config, ids, max_new_tokens, m, key, S, max_steps, bundle.dtype)
   if m.memory_key and m.memory_key in bundle.method_memory:  # e.g. Token Recycling's adjacency matrix
-    state = state.replace(method_state=bundle.method_memory.pop(m.memory_key))
+    state = state.replace(method_state=m.recall(state.method_state, bundle.method_memory.pop(m.memory_key)))
   return m, sampling, ids, P, state
 
 
 def _finish_method(bundle, m, state):
   """Keep per-bundle method memory; report acceptance to the method (it may adapt)."""
   if m.memory_key:
-    bundle.method_memory[m.memory_key] = state.method_state
+    bundle.method_memory[m.memory_key] = m.remember(state.method_state)
   hist = sharding.to_host(state.accept_hist)
   active = int(hist.sum())
   if active:

@@ -42,13 +42,14 @@ def model_fingerprint(bundle) -> str:
 
 
 def save_params_file(folder: str | Path, params: dict[str, np.ndarray], meta: dict, dtype=np.float32) -> Path:
-  """Write params (flat name -> array, stored as `dtype`) and meta (+ the weights' sha256), each
-  atomically."""
+  """Write params (flat name -> array; floating arrays stored as `dtype`, integer ones, e.g. token
+  ids, as they are) and meta (+ the weights' sha256), each atomically."""
   from safetensors.numpy import save_file
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   tmp = folder / f".{WEIGHTS}.tmp-{os.getpid()}"
-  save_file({k: np.ascontiguousarray(np.asarray(v, dtype)) for k, v in params.items()}, str(tmp))
+  stored = lambda a: a if np.issubdtype(a.dtype, np.integer) else a.astype(dtype)
+  save_file({k: np.ascontiguousarray(stored(np.asarray(v))) for k, v in params.items()}, str(tmp))
   os.chmod(tmp, 0o644)
   os.replace(tmp, folder / WEIGHTS)
   meta = dict(meta, sha256=file_sha256(folder / WEIGHTS))

@@ -38,6 +38,8 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--token-input", action="store_true", help="heads also read the pending token's embedding")
   h.add_argument("--window", type=int, default=256, help="tokens of each sequence used (its last ones)")
   h.add_argument("--top-k", type=int, default=32, help="teacher log-probs kept per position")
+  h.add_argument("--draft-vocab", type=int, default=8192, help="tokens the heads rank drafts over (most frequent "
+                                                               "in the data first; 0: the whole vocabulary)")
   _schedule_options(h, steps=3000, batch_size=(64, "anchors per step"), lr=(1e-3, None), warmup=100, every=(250, 250))
   h.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work); the teacher "
                                                  "store is kept in the --data folder")
@@ -128,7 +130,12 @@ def _train_hidden_transfer(args) -> int:
                                seq_groups=groups if len(set(groups)) < len(groups) else None,
                                token_input=args.token_input)
   import numpy as np
-  save_params_file(args.out, {n: np.asarray(v) for n, v in heads.items()}, meta)
+  from jaxspec.train.hidden_transfer import draft_vocabulary
+  arrays = {n: np.asarray(v) for n, v in heads.items()}
+  if args.draft_vocab:
+    arrays["vocab_N"] = draft_vocabulary([r["output_ids"] for r in rows], bundle.config.vocab_size, args.draft_vocab)
+    meta["draft_vocab"] = args.draft_vocab
+  save_params_file(args.out, arrays, meta)
   top1 = " ".join(f"{a:.2f}" for a in meta["eval"]["top1_by_offset"])
   print(f"wrote {args.out}: layer {args.layer}, k {args.heads}, eval top-1 by offset {top1}")
   return 0

@@ -133,8 +133,17 @@ class Decoder(nnx.Module):
     if not c.tie_embeddings:
       self.lm_head_ExV = _param(rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), dtype)
 
-  def logits(self, x_BxTxE: jax.Array) -> jax.Array:
-    """LM head on final-normed states; fp32 logits [B, T, V]."""
+  def head_columns(self, ids_N: jax.Array) -> jax.Array:
+    """[E, N] the LM head's columns of tokens `ids_N` (for `logits(x, head_ExN)`; gather once)."""
+    if self.config.tie_embeddings:
+      return self.embed_VxE[...][ids_N].T
+    return self.lm_head_ExV[...][:, ids_N]
+
+  def logits(self, x_BxTxE: jax.Array, head_ExN: jax.Array | None = None) -> jax.Array:
+    """LM head on final-normed states; fp32 logits [B, T, V], or [B, T, N] over the N tokens whose
+    LM-head columns `head_ExN` holds (a drafter's short vocabulary: reads N/V of the head)."""
+    if head_ExN is not None:
+      return jnp.einsum("bte,en->btn", x_BxTxE, head_ExN, preferred_element_type=jnp.float32)
     if self.config.tie_embeddings:
       return jnp.einsum("bte,ve->btv", x_BxTxE, self.embed_VxE[...], preferred_element_type=jnp.float32)
     return jnp.einsum("bte,ev->btv", x_BxTxE, self.lm_head_ExV[...], preferred_element_type=jnp.float32)
@@ -153,6 +162,7 @@ class Decoder(nnx.Module):
       start_layer: int = 0,
       inputs_BxTxE: jax.Array | None = None,
       write_cache: bool = True,
+      head_ExN: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[int, jax.Array], KVCache | None]:
     """Forward T new tokens per row. Returns (logits [B,T,V] fp32 (or [B,N,V] at
     `logits_index`), {layer: residual [B,T,E] after that block}, cache with new K/V written).
@@ -168,6 +178,7 @@ class Decoder(nnx.Module):
     `write_cache=False` only reads the cache and returns, in its place, the new tokens' K/V
     (a KVCache of T slots per layer, None for skipped blocks) for `kv_cache.write_new` to write
     later: a forward inside `lax.switch` then never passes the cache through the conditional.
+    `head_ExN`: logits over a sub-vocabulary only (see `logits`).
     """
     c = self.config
     B, T = positions_BxT.shape
@@ -203,4 +214,4 @@ class Decoder(nnx.Module):
     if not write_cache:
       ks, vs = new_ks, new_vs
     out_cache = cache.replace(k=tuple(ks), v=tuple(vs)) if cache is not None else None
-    return self.logits(x), hidden, out_cache
+    return self.logits(x, head_ExN), hidden, out_cache

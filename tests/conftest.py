@@ -94,9 +94,11 @@ def jit_forward(bundle):
   return lambda *a, **k: fwd(bundle.params, *a, **k)
 
 
-def random_heads_folder(bundle, folder, k=3, layer=1, noise=0.3, seed=7, token_input=False, **meta_overrides):
+def random_heads_folder(bundle, folder, k=3, layer=1, noise=0.3, seed=7, token_input=False, vocab_N=None,
+                        **meta_overrides):
   """A hidden-transfer heads folder of random heads for `bundle` (valid metadata): decoding with
-  it must still equal AR, since the verifier decides what is committed."""
+  it must still equal AR, since the verifier decides what is committed. `vocab_N`: a draft
+  vocabulary saved with them."""
   import numpy as np
   from jaxspec.heads_file import model_fingerprint, save_params_file
   from jaxspec.methods.hidden_transfer import KIND, init_heads
@@ -107,4 +109,7 @@ def random_heads_folder(bundle, folder, k=3, layer=1, noise=0.3, seed=7, token_i
           "k": k, "embed_dim": bundle.config.embed_dim, "vocab_size": bundle.config.vocab_size,
           "eval": {"accept_by_offset_slot": [[0.5, 0.2, 0.1, 0.05]] * k}}
   meta.update(meta_overrides)
-  return save_params_file(folder, {n: np.asarray(v) for n, v in heads.items()}, meta)
+  arrays = {n: np.asarray(v) for n, v in heads.items()}
+  if vocab_N is not None:
+    arrays["vocab_N"] = np.asarray(vocab_N)
+  return save_params_file(folder, arrays, meta)

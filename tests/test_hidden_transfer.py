@@ -1,6 +1,7 @@
 """Hidden-transfer heads on a tiny random model (seconds): training lowers the loss, the heads
 file is checked on load, and decoding with trained or random heads equals AR (greedy)."""
 
+import dataclasses
 import json
 
 import jax
@@ -75,7 +76,8 @@ def test_heads_with_token_input_learn_from_the_pending_token(tiny, store, tmp_pa
 
 @pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2),
                                   dict(nodes="auto"), dict(nodes=6, adaptive=False, token_input=True),
-                                  dict(nodes=6, lookup=5, min_ngram=1, cost=(1.0, 1.0, 1.0))])
+                                  dict(nodes=6, lookup=5, min_ngram=1, cost=(1.0, 1.0, 1.0)),
+                                  dict(nodes=8, lookup=5, min_ngram=1, recycle=4, cost=(1.0, 1.0, 1.0))])
 def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   opts = dict(opts)
   folder = _save_random_heads(tmp_path / "h", tiny, token_input=opts.pop("token_input", False))
@@ -101,6 +103,75 @@ def test_a_grafted_lookup_chain_drafts_where_the_text_repeats(tiny, tmp_path):
   assert jaxspec.generate(tiny, PROMPTS, only_chain, max_new_tokens=24).token_ids == want.token_ids
   with pytest.raises(InvalidOptionError, match="min_ngram"):
     HiddenTransfer(lookup=2, min_ngram=0)
+
+
+def test_recycled_depths_read_their_parent_token_and_persist(tiny, tmp_path):
+  """With `recycle`, every node below depth 1 drafts candidate `slot` of the matrix row of its
+  parent's token (heads draft depth 1 only), rows never written draft nothing, the output is
+  AR's, and the matrix carries over to the next call on the bundle."""
+  from flax import nnx
+  from jaxspec import engine
+  from jaxspec.sampling import SamplingConfig
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  m = HiddenTransfer(heads=str(folder), nodes=8, recycle=4, lookup=0, adaptive=False).resolve(tiny)
+  tree, slots = m._tree_and_slots
+  deep = np.nonzero(tree.depth >= 2)[0]
+  assert len(deep) and tree.max_depth >= 3
+  V = tiny.config.vocab_size
+  st = engine.init_state(tiny.config, [PROMPTS[0]], 8, m, None, 64, 8, jnp.float32)
+  M_Vxk = jax.random.randint(jax.random.key(3), (V, 4), 0, V)
+  seen_V = jnp.arange(V) % 5 != 0  # some rows unwritten
+  st = st.replace(method_state=st.method_state.replace(M_Vxk=M_Vxk, seen_V=seen_V, has_h_B=jnp.ones((1,), bool)))
+  model = nnx.merge(tiny.graphdef, tiny.params)
+  draft, _ = m.propose(model, m.load_params(tiny), st, SamplingConfig(0.0), jax.random.key(0))
+  tok, valid = np.asarray(draft.tokens[0]), np.asarray(draft.valid[0])
+  M, seen = np.asarray(M_Vxk), np.asarray(seen_V)
+  for i in deep:
+    parent = tree.parents[i]
+    assert tok[i] == M[tok[parent], slots[i]]
+    assert valid[i] == (valid[parent] and seen[tok[parent]])
+  assert valid[tree.depth == 1].all()
+
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  tiny.method_memory.pop(m.memory_key, None)
+  assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids
+  _, seen_after = tiny.method_memory[m.memory_key]
+  assert np.asarray(seen_after).sum() > 0
+  assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids  # from the kept matrix
+  with pytest.raises(InvalidOptionError, match="recycle"):
+    HiddenTransfer(recycle=99)
+
+
+def test_a_draft_vocabulary_limits_the_heads_drafts(tiny, tmp_path):
+  """Heads saved with a draft vocabulary rank depth-1 drafts over those tokens only (the partial
+  pass reads only their LM-head columns); the output is still AR's. The vocabulary is the data's
+  tokens by frequency, then the lowest ids."""
+  from flax import nnx
+  from jaxspec import engine
+  from jaxspec.sampling import SamplingConfig
+  from jaxspec.train.hidden_transfer import draft_vocabulary
+  vocab = draft_vocabulary([[9, 9, 9, 4, 4, 60]], tiny.config.vocab_size, 12)
+  assert vocab.tolist() == [9, 4, 60, 0, 1, 2, 3, 5, 6, 7, 8, 10]
+  with pytest.raises(ValueError, match="draft vocabulary size"):
+    draft_vocabulary([[1]], tiny.config.vocab_size, 4)
+  folder = random_heads_folder(tiny, tmp_path / "hv", k=K, layer=LAYER, vocab_N=vocab)
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=20)
+  for opts in (dict(nodes=6, adaptive=False), dict(nodes=6, adaptive=False, recycle=4), dict(nodes=6, draft_vocab=False)):
+    assert jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), **opts), max_new_tokens=20).token_ids \
+        == want.token_ids
+  m = HiddenTransfer(heads=str(folder), nodes=8, adaptive=False, lookup=0).resolve(tiny)
+  st = engine.init_state(tiny.config, [PROMPTS[0]], 8, m, None, 64, 8, jnp.float32)
+  h_1xE = jax.random.normal(jax.random.key(2), (1, tiny.config.embed_dim))  # an anchor state
+  st = st.replace(method_state=st.method_state.replace(has_h_B=jnp.ones((1,), bool), h_BxE=h_1xE))
+  model = nnx.merge(tiny.graphdef, tiny.params)
+  for uses, opts in ((True, {}), (False, dict(draft_vocab=False))):
+    mm = dataclasses.replace(m, **opts)
+    draft, _ = mm.propose(model, mm.load_params(tiny), st, SamplingConfig(0.0), jax.random.key(0))
+    drafted = set(np.asarray(draft.tokens[0])[1:].tolist())
+    assert (drafted <= set(vocab.tolist())) == uses
+  bad = random_heads_folder(tiny, tmp_path / "bad", k=K, layer=LAYER, vocab_N=np.array([1, 2, 3, 4, 5, 6, 7, 999]))
+  with pytest.raises(HeadsFileError, match="vocab_N"):
+    jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(bad)), max_new_tokens=4)
 
 
 def test_bad_heads_files_are_clear_errors(tiny, tmp_path):

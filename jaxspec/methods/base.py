@@ -27,7 +27,9 @@ Hooks, all optional (the defaults do nothing):
   the prompt after its forward (`hidden`: the prompt's residuals [B, P, E] at the `capture`
   layers), e.g. a drafter's cache, an n-gram pool, the last prompt token's state. Methods
   without one share a compiled prefill.
-* `memory_key`: state kept across calls in `bundle.method_memory` (Token Recycling's matrix).
+* `memory_key`: state kept across calls in `bundle.method_memory` (Token Recycling's matrix);
+  `remember(mstate)` is what is kept (default: the whole method state) and `recall(mstate,
+  memory)` the next call's initial method state with it (default: the memory itself).
 * `observe(bundle, mean_accepted, steps)`: acceptance seen in a call, for methods that adapt.
 """
 
@@ -114,6 +116,14 @@ class Method:
 
   def observe(self, bundle, mean_accepted: float, steps: int) -> None:
     return None
+
+  def remember(self, method_state):
+    """What of the final method state `bundle.method_memory[memory_key]` keeps for the next call."""
+    return method_state
+
+  def recall(self, method_state, memory):
+    """The initial method state of a call (`method_state`: fresh) given what an earlier call kept."""
+    return memory
 
   # ---- the step ------------------------------------------------------------------------
 

@@ -16,6 +16,12 @@ heads were trained, and with `adaptive` each step verifies the prefix of it that
 (jaxspec.methods.draft_sizing). The first step drafts from the last prompt token's residual,
 captured by the prompt's forward (the prefill hook).
 
+With `recycle=k` the nodes below depth 1 come from a Token Recycling matrix (the top-k tokens
+the model last predicted after each token, jaxspec.methods.token_recycling): a child then
+depends on its parent's token, which a head's offset >= 2 cannot (the heads draft each offset
+from the anchor alone). The heads draft depth 1, where they are strong; the matrix persists
+across calls on a bundle like recycling's.
+
 With `lookup=L` a prompt-lookup chain is grafted on the tree's main path where the text repeats
 (jaxspec.methods.lookup_graft): a 3-token match is right four times in five here, far above
 what the heads draft; a step whose whole draft is the grafted chain skips the partial pass.
@@ -44,6 +50,7 @@ from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
 from jaxspec.methods.lookup_graft import check_options, graft, grafted_priors, main_path_lookup, num_contexts
+from jaxspec.methods.token_recycling import recycle, recycled_children
 from jaxspec.verify import Draft, TreeSpec
 
 KIND = "hidden_transfer_heads"
@@ -77,21 +84,25 @@ def pseudo_states(heads, h_BxE: jax.Array, e_BxE: jax.Array | None = None) -> ja
 
 
 def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="auto",
-                  pending_B: jax.Array | None = None) -> jax.Array:
+                  pending_B: jax.Array | None = None, offsets: int | None = None) -> jax.Array:
   """[B, k, V]: the pseudo states of the token after each row's committed prefix, through blocks
   layer..L-1 at positions lengths + i (pseudo i stands at the i-th next position and predicts
   the token after it), attending to the committed prefix (`cache.lengths`) and causally to each
   other. `pending_B`: the token at position lengths (needed by heads that read it). The one
-  drafting forward of decoding and of training."""
+  drafting forward of decoding and of training. `offsets`: only the first n pseudo states
+  ([B, n, ...]). Heads loaded with a draft vocabulary (`head_ExN`, see `load_params`) give
+  logits over its N tokens only ([..., N]; `vocab_N` maps them back to token ids)."""
   if reads_token(heads) and pending_B is None:
     raise ValueError("these heads read the pending token: pass pending_B")
+  if offsets is not None:
+    heads = {n: (v[:offsets] if n in ("W_KxExE", "b_KxE", "U_KxExE") else v) for n, v in heads.items()}
   e_BxE = model.embed_VxE[...][pending_B] if reads_token(heads) else None
   x_BxKxE = pseudo_states(heads, h_BxE, e_BxE)
   B, k, _ = x_BxKxE.shape
   positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
   dtype = cache.k[layer].dtype  # the model's compute dtype
   logits, _, _ = model(cache, None, positions, jnp.tril(jnp.ones((k, k), bool)), attn_impl=attn_impl,
-                       start_layer=layer, inputs_BxTxE=x_BxKxE.astype(dtype))
+                       start_layer=layer, inputs_BxTxE=x_BxKxE.astype(dtype), head_ExN=heads.get("head_ExN"))
   return logits
 
 
@@ -109,6 +120,8 @@ class HTState:
   h_BxE: jax.Array  # layer-t residual of each row's last accepted token (f32)
   has_h_B: jax.Array  # [B] bool: the row has an anchor (set by prefill)
   sizing: draft_sizing.SizingStats
+  M_Vxk: jax.Array  # [V, recycle] int32: recycled next tokens per token ([V, 0] without `recycle`)
+  seen_V: jax.Array  # [V] bool: the token's matrix row was written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +129,10 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   """`heads`: a heads folder (default: the packaged heads of the model). `nodes`: verified tree
   nodes (drafts, root excluded) or "auto" (picked from the measured forward times). `lookup`:
   length of a prompt-lookup chain grafted on the main path (0: none), from n-gram matches of
-  min_ngram..max_ngram tokens."""
+  min_ngram..max_ngram tokens. `recycle`: candidates per token of the recycled matrix that
+  drafts depths >= 2 (0: the heads draft every depth up to k). `draft_vocab`: rank the heads'
+  drafts over the frequent-token vocabulary saved with the heads (`vocab_N`, when the file has
+  one) instead of the whole vocabulary: the partial pass then reads N/V of the LM head."""
 
   heads: str | None = None
   nodes: int | str = 12
@@ -124,6 +140,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   lookup: int = 5  # measured: MAT 1.73 -> 2.21 on unseen prompts (experiments/NOTES.md, session 11)
   max_ngram: int = 3
   min_ngram: int = 2
+  recycle: int = 0
+  draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   # resolved from the heads' meta.json
   layer: int = 0
@@ -136,6 +154,21 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
       raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
     check_options("hidden_transfer", self.lookup, self.min_ngram, self.max_ngram)
+    if not 0 <= self.recycle <= len(tree_templates.PRIOR_SLOT_ACCEPT):
+      raise InvalidOptionError(f"hidden_transfer recycle must be in [0, {len(tree_templates.PRIOR_SLOT_ACCEPT)}], "
+                               f"got {self.recycle!r}")
+
+  @property
+  def memory_key(self) -> str | None:
+    """With `recycle`, the recycled matrix persists across calls on a bundle under this key."""
+    return f"hidden_transfer_recycled_k{self.recycle}" if self.recycle else None
+
+  def remember(self, ms: "HTState"):
+    return (ms.M_Vxk, ms.seen_V)
+
+  def recall(self, ms: "HTState", memory):
+    M_Vxk, seen_V = memory
+    return ms.replace(M_Vxk=M_Vxk, seen_V=seen_V)
 
   def _path(self, bundle) -> Path:
     return Path(self.heads) if self.heads else default_heads(bundle.name)
@@ -159,18 +192,34 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return m
 
   def load_params(self, bundle):
-    """The heads (checked against the bundle's model), loaded once per bundle and path."""
+    """The heads (checked against the bundle's model), loaded once per bundle and path. Heads
+    with a draft vocabulary (`vocab_N`) also get `head_ExN`, its LM-head columns (gathered once)."""
     from jaxspec.heads_file import load_params_file
     key = (KIND, self.heads)
     if key not in bundle.method_memory:
       params, meta = load_params_file(self.heads, bundle, KIND)
       if params["W_KxExE"].shape[0] != self.k:
         raise HeadsFileError(f"{self.heads}: meta says k={self.k}, weights have {params['W_KxExE'].shape[0]}")
-      unknown = set(params) - {"W_KxExE", "b_KxE", "U_KxExE"}
+      unknown = set(params) - {"W_KxExE", "b_KxE", "U_KxExE", "vocab_N"}
       if unknown or ("U_KxExE" in params and params["U_KxExE"].shape != params["W_KxExE"].shape):
         raise HeadsFileError(f"{self.heads}: unexpected head arrays {sorted(unknown) or ['U_KxExE (shape)']}")
-      bundle.method_memory[key] = {n: jnp.asarray(v) for n, v in params.items()}
+      vocab = params.get("vocab_N")
+      if vocab is not None and (vocab.ndim != 1 or not np.issubdtype(vocab.dtype, np.integer) or vocab.size < 8
+                                or vocab.min() < 0 or vocab.max() >= bundle.config.vocab_size):
+        raise HeadsFileError(f"{self.heads}: vocab_N must be >= 8 token ids of this model's vocabulary")
+      loaded = {n: jnp.asarray(v) for n, v in params.items()}
+      if vocab is not None:
+        from flax import nnx
+        loaded["vocab_N"] = loaded["vocab_N"].astype(jnp.int32)
+        loaded["head_ExN"] = nnx.merge(bundle.graphdef, bundle.params).head_columns(loaded["vocab_N"])
+      bundle.method_memory[key] = loaded
     return bundle.method_memory[key]
+
+  def _drafting_params(self, mparams):
+    """The heads as the partial pass uses them (without the draft vocabulary unless `draft_vocab`)."""
+    if self.draft_vocab:
+      return mparams
+    return {n: v for n, v in mparams.items() if n not in ("vocab_N", "head_ExN")}
 
   # ---- the tree ------------------------------------------------------------------------
 
@@ -178,6 +227,9 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return tuple(float(np.mean([row[c] for row in self.accept])) for c in range(len(self.accept[0])))
 
   def _template(self, num_nodes: int):
+    if self.recycle:
+      return tree_templates.best_paths_template(num_nodes, self.accept[0], max_depth=self.k,
+                                                deeper_accept=tree_templates.PRIOR_SLOT_ACCEPT[: self.recycle])
     return tree_templates.best_paths_template(num_nodes, self._slot_prior(), max_depth=self.k)
 
   @cached_property
@@ -203,7 +255,17 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
 
   def _node_accept(self, tree, slots) -> list[float]:
     depth = tree.depth  # a grafted main path may reach past the heads' k offsets: no head draft there
-    return [0.0] + [self.accept[depth[i] - 1][slots[i]] if depth[i] <= self.k else 0.0 for i in range(1, tree.size)]
+
+    def prior(d, c):
+      if self.recycle and d >= 2:
+        return tree_templates.PRIOR_SLOT_ACCEPT[c]
+      return self.accept[d - 1][c] if d <= self.k else 0.0
+
+    return [0.0] + [prior(depth[i], slots[i]) for i in range(1, tree.size)]
+
+  def _from_heads(self, depth) -> np.ndarray:
+    """[T] bool: nodes whose token a head drafts (not the root; with `recycle` depth 1 only)."""
+    return (depth >= 1) & (depth <= (1 if self.recycle else self.k))
 
   @property
   def tree(self) -> TreeSpec:
@@ -224,10 +286,13 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return HTState(h_BxE=jnp.zeros((batch_size, config.embed_dim), jnp.float32),
                    has_h_B=jnp.zeros((batch_size,), bool),
-                   sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram)))
+                   sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram)),
+                   M_Vxk=jnp.zeros((config.vocab_size, self.recycle), jnp.int32),
+                   seen_V=jnp.zeros((config.vocab_size,), bool))
 
   def method_state_axes(self, method_state):
-    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)))
+    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)),
+                   M_Vxk=(None, None), seen_V=(None,))
 
   def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """The first anchor: the last prompt token's layer-t residual, from the prompt's own forward."""
@@ -239,25 +304,36 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     ms: HTState = state.method_state
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
-    m = int(max(slots[1:])) + 1 if T > 1 else 1
-    depth = tree.depth
-    head_node_T = (depth >= 1) & (depth <= self.k)  # nodes a head drafts (not the root, not past offset k)
-    ok_BxT = jnp.asarray(head_node_T)[None, :] & ms.has_h_B[:, None]
+    parents, slots_T, depth = np.asarray(tree.parents), np.maximum(np.asarray(slots), 0), tree.depth
+    heads_T = self._from_heads(depth)
+    m = int(max(slots_T[heads_T])) + 1 if heads_T.any() else 1
+    ok_BxT = jnp.asarray((depth >= 1) & (depth <= self.k))[None, :] & ms.has_h_B[:, None]
     tokens = jnp.zeros((B, T), jnp.int32).at[:, 0].set(last_tokens(state))
     grafted_BxT, context_B = jnp.zeros((B, T), bool), None
     if self.lookup:
       cont_BxL, found_BxL, context_B = main_path_lookup(state, self.lookup, self.max_ngram, self.min_ngram)
       tokens, ok_BxT, grafted_BxT = graft(tokens, ok_BxT, cont_BxL, found_BxL)
     valid = self.limit((jnp.arange(T)[None, :] == 0) | ok_BxT, ms.sizing, context_B)
-    pseudo = lambda: pseudo_logits(model, mparams, state.cache, ms.h_BxE, self.layer, attn_impl,
-                                   pending_B=last_tokens(state))
-    V = model.config.vocab_size
+    heads = self._drafting_params(mparams)
+    offsets = 1 if self.recycle else self.k  # the offsets a head drafts
+    pseudo = lambda: pseudo_logits(model, heads, state.cache, ms.h_BxE, self.layer, attn_impl,
+                                   pending_B=last_tokens(state), offsets=offsets)
+    V = heads["vocab_N"].shape[0] if "vocab_N" in heads else model.config.vocab_size
     # no row verifies a head's draft this step: skip the partial pass (it would make the step dearer)
-    needs_heads = jnp.any(valid[:, 1:] & ~grafted_BxT[:, 1:])
-    logits_BxKxV = jax.lax.cond(needs_heads, pseudo, lambda: jnp.zeros((B, self.k, V), jnp.float32))
+    needs_heads = jnp.any(valid & jnp.asarray(heads_T)[None, :] & ~grafted_BxT)
+    logits_BxKxV = jax.lax.cond(needs_heads, pseudo, lambda: jnp.zeros((B, offsets, V), jnp.float32))
     top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
-    node_tok = top_BxKxM[:, np.clip(depth - 1, 0, self.k - 1), np.maximum(np.asarray(slots), 0)]  # [B, T]
-    tokens = jnp.where(grafted_BxT | (jnp.arange(T) == 0)[None, :], tokens, node_tok)
+    if "vocab_N" in heads:
+      top_BxKxM = heads["vocab_N"][top_BxKxM]
+    head_tok = top_BxKxM[:, np.clip(depth - 1, 0, offsets - 1), np.minimum(slots_T, m - 1)]  # [B, T]
+    keep_BxT = grafted_BxT | (jnp.arange(T) == 0)[None, :]
+    tokens = jnp.where(keep_BxT, tokens, head_tok)
+    if self.recycle:  # depths >= 2 off the matrix, one depth at a time (children read their parent's token)
+      for d in range(2, tree.max_depth + 1):
+        nodes = np.nonzero(depth == d)[0]
+        tok_Bxn, seen_Bxn = recycled_children(ms.M_Vxk, ms.seen_V, tokens[:, parents[nodes]], slots_T[nodes])
+        tokens = tokens.at[:, nodes].set(jnp.where(keep_BxT[:, nodes], tokens[:, nodes], tok_Bxn))
+        valid = valid.at[:, nodes].set(valid[:, nodes] & valid[:, parents[nodes]] & (keep_BxT[:, nodes] | seen_Bxn))
     return Draft(tokens=tokens, valid=valid, context=context_B), ms
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
@@ -265,5 +341,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     last_B = jnp.take_along_axis(verdict.path, jnp.maximum(verdict.n - 1, 0)[:, None], axis=1)[:, 0]
     h_BxE = jnp.take_along_axis(hidden[self.layer - 1], last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     active = n_B > 0
+    M_Vxk, seen_V = ms.M_Vxk, ms.seen_V
+    if self.recycle:
+      M_Vxk, seen_V = recycle(M_Vxk, seen_V, draft, logits_BxTxV, self.tree.size)
     return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active,
-                   sizing=self.observe_step(ms.sizing, draft, verdict, n_B))
+                   sizing=self.observe_step(ms.sizing, draft, verdict, n_B), M_Vxk=M_Vxk, seen_V=seen_V)

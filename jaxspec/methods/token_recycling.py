@@ -140,7 +140,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     for d in range(1, tree.max_depth + 1):
       nodes = np.nonzero(depth == d)[0]
       parent_tok = toks[:, parents[nodes]]  # [B, n_d]
-      tok_Bxn, ok_Bxn = M_Vxk[parent_tok, slots[nodes]], seen_V[parent_tok]
+      tok_Bxn, ok_Bxn = recycled_children(M_Vxk, seen_V, parent_tok, slots[nodes])
       if self.lookup and d <= self.lookup:  # the main path's node at this depth takes the lookup token
         on_chain = nodes == d
         tok_Bxn = jnp.where(on_chain[None, :] & found_BxL[:, d - 1 : d], cont_BxL[:, d - 1 : d], tok_Bxn)
@@ -151,12 +151,25 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     return Draft(tokens=toks, valid=valid, context=context_B), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
-    """M[token] <- top-k of the logits at every verified node (nodes past the step's forward
-    size were not computed: their rows stay)."""
-    T = self.tree.size
-    V = mstate.M_Vxk.shape[0]
-    top_BxTxk = jax.lax.top_k(logits_BxTxV[:, :T], self.k)[1].astype(jnp.int32)
-    rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
-    M_Vxk = mstate.M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, self.k), mode="drop")
-    seen_V = mstate.seen_V.at[rows.reshape(-1)].set(True, mode="drop")
+    M_Vxk, seen_V = recycle(mstate.M_Vxk, mstate.seen_V, draft, logits_BxTxV, self.tree.size)
     return RecyclingState(M_Vxk=M_Vxk, seen_V=seen_V, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
+
+
+def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, T: int):
+  """(M, seen) after a verified step: M[token] <- top-k of the logits at every verified node
+  among the first T (nodes past the step's forward size were not computed: their rows stay)."""
+  V, k = M_Vxk.shape
+  B = logits_BxTxV.shape[0]
+  top = lambda n: jax.lax.top_k(logits_BxTxV[:, :n], k)[1].astype(jnp.int32)  # [B, n, k]
+  # a step that verified no draft computed the root's logits alone: rank only those
+  root_only = lambda: jnp.concatenate([top(1), jnp.zeros((B, T - 1, k), jnp.int32)], axis=1)
+  top_BxTxk = top(T) if T == 1 else jax.lax.cond(jnp.any(draft.valid[:, 1:T]), lambda: top(T), root_only)
+  rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
+  M_Vxk = M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, k), mode="drop")
+  return M_Vxk, seen_V.at[rows.reshape(-1)].set(True, mode="drop")
+
+
+def recycled_children(M_Vxk, seen_V, parent_tok, slots):
+  """(tokens, ok) of tree nodes drawn from the matrix: candidate `slots` of each parent token;
+  ok where the parent's row was ever written."""
+  return M_Vxk[parent_tok, slots], seen_V[parent_tok]

@@ -23,15 +23,18 @@ REFERENCE_DEPTH_COUNTS = (8, 21, 25, 15, 8, 3)  # the paper's 80-node template
 
 
 def best_paths_template(num_nodes: int, slot_accept=PRIOR_SLOT_ACCEPT, max_depth: int = 8,
-                        depth_counts: tuple[int, ...] | None = None) -> tuple[TreeSpec, tuple[int, ...]]:
+                        depth_counts: tuple[int, ...] | None = None,
+                        deeper_accept=None) -> tuple[TreeSpec, tuple[int, ...]]:
   """(tree, slot per node) with the `num_nodes` most probable paths. Node 0 is the root (slot -1).
 
   depth_counts, if given, caps how many nodes each depth may hold (sum must be num_nodes).
+  deeper_accept, if given, is the slot prior at depths >= 2 (the drafter differs there: e.g.
+  trained heads at depth 1 and a recycled matrix below).
   """
-  k = len(slot_accept)
+  deeper = slot_accept if deeper_accept is None else deeper_accept
   parents, slots, probs, depths = [-1], [-1], [1.0], [0]
   per_depth = {}
-  heap = [(-slot_accept[c], 0, c) for c in range(k)]  # (-path prob, parent node, slot)
+  heap = [(-slot_accept[c], 0, c) for c in range(len(slot_accept))]  # (-path prob, parent node, slot)
   heapq.heapify(heap)
   while len(parents) - 1 < num_nodes and heap:
     neg, parent, c = heapq.heappop(heap)
@@ -46,8 +49,8 @@ def best_paths_template(num_nodes: int, slot_accept=PRIOR_SLOT_ACCEPT, max_depth
     probs.append(-neg)
     depths.append(d)
     per_depth[d] = per_depth.get(d, 0) + 1
-    for c2 in range(k):
-      heapq.heappush(heap, (-(-neg * slot_accept[c2]), node, c2))
+    for c2 in range(len(deeper)):
+      heapq.heappush(heap, (-(-neg * deeper[c2]), node, c2))
   return TreeSpec(tuple(parents)), tuple(slots)
 
 

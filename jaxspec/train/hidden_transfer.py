@@ -169,6 +169,22 @@ def _store_arrays(store: Store) -> dict:
           "v": jnp.asarray(store.v), "top_ids": jnp.asarray(store.top_ids), "top_logp": jnp.asarray(store.top_logp)}
 
 
+def draft_vocabulary(sequences, vocab_size: int, size: int = 8192) -> np.ndarray:
+  """[size] int32 token ids the heads rank their drafts over (FR-Spec's frequency-ranked draft
+  vocabulary): the tokens of `sequences` (the base model's own continuations) most frequent
+  first, then the lowest ids not yet taken (a BPE vocabulary's earliest merges, its commonest
+  pieces). A draft outside it is never proposed; the output is still the verifier's."""
+  if not 8 <= size <= vocab_size:
+    raise ValueError(f"draft vocabulary size must be in [8, {vocab_size}], got {size}")
+  counts = np.zeros(vocab_size, np.int64)
+  for seq in sequences:
+    counts += np.bincount(np.asarray(seq, np.int64), minlength=vocab_size)[:vocab_size]
+  seen = np.nonzero(counts)[0]
+  by_count = seen[np.argsort(-counts[seen], kind="stable")]
+  rest = np.setdiff1d(np.arange(vocab_size), by_count)  # ascending ids
+  return np.concatenate([by_count, rest])[:size].astype(np.int32)
+
+
 def train_heads(bundle, store: Store, k: int, cfg: TrainConfig, workdir: str | Path, *, eval_fraction: float = 0.08,
                 data_manifest: dict | None = None, progress: bool = True, stop_after: int | None = None,
                 seq_groups=None, token_input: bool = False):
