@@ -38,7 +38,7 @@ def add_train_parsers(sub) -> None:
   h.add_argument("--token-input", action="store_true", help="heads also read the pending token's embedding")
   h.add_argument("--window", type=int, default=256, help="tokens of each sequence used (its last ones)")
   h.add_argument("--top-k", type=int, default=32, help="teacher log-probs kept per position")
-  h.add_argument("--draft-vocab", type=int, default=8192, help="tokens the heads rank drafts over (most frequent "
+  h.add_argument("--draft-vocab", type=int, default=16384, help="tokens the heads rank drafts over (most frequent "
                                                                "in the data first; 0: the whole vocabulary)")
   _schedule_options(h, steps=3000, batch_size=(64, "anchors per step"), lr=(1e-3, None), warmup=100, every=(250, 250))
   h.add_argument("--workdir", default=None, help="checkpoints, log, curve (default: OUT.work); the teacher "

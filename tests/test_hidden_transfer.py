@@ -77,7 +77,8 @@ def test_heads_with_token_input_learn_from_the_pending_token(tiny, store, tmp_pa
 @pytest.mark.parametrize("opts", [dict(nodes=6, adaptive=False), dict(nodes=8, cost=(1.0, 1.0, 1.0)), dict(nodes=2),
                                   dict(nodes="auto"), dict(nodes=6, adaptive=False, token_input=True),
                                   dict(nodes=6, lookup=5, min_ngram=1, cost=(1.0, 1.0, 1.0)),
-                                  dict(nodes=8, lookup=5, min_ngram=1, recycle=4, cost=(1.0, 1.0, 1.0))])
+                                  dict(nodes=8, lookup=5, min_ngram=1, recycle=4, cost=(1.0, 1.0, 1.0)),
+                                  dict(nodes=6, adaptive=False, recycle=0)])
 def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   opts = dict(opts)
   folder = _save_random_heads(tmp_path / "h", tiny, token_input=opts.pop("token_input", False))
@@ -159,7 +160,7 @@ def test_a_draft_vocabulary_limits_the_heads_drafts(tiny, tmp_path):
   for opts in (dict(nodes=6, adaptive=False), dict(nodes=6, adaptive=False, recycle=4), dict(nodes=6, draft_vocab=False)):
     assert jaxspec.generate(tiny, PROMPTS, HiddenTransfer(heads=str(folder), **opts), max_new_tokens=20).token_ids \
         == want.token_ids
-  m = HiddenTransfer(heads=str(folder), nodes=8, adaptive=False, lookup=0).resolve(tiny)
+  m = HiddenTransfer(heads=str(folder), nodes=8, adaptive=False, lookup=0, recycle=0).resolve(tiny)  # heads draft all
   st = engine.init_state(tiny.config, [PROMPTS[0]], 8, m, None, 64, 8, jnp.float32)
   h_1xE = jax.random.normal(jax.random.key(2), (1, tiny.config.embed_dim))  # an anchor state
   st = st.replace(method_state=st.method_state.replace(has_h_B=jnp.ones((1,), bool), h_BxE=h_1xE))

@@ -25,9 +25,9 @@ CONFIGS = [
     ("lookahead", dict(W=5, N=3, G=5)),
     ("sjd", dict(L=6)),  # temperature 0: greedy
     ("hidden_transfer", dict(nodes=12, heads="random")),  # random heads (made by the test): the verifier decides
-    ("hidden_transfer", dict(adaptive=False)),  # packaged heads + lookup chain, every step drafting (on a steep
-    # forward-time curve the sizing may rightly choose never to draft: session 9's Xeon)
-    ("hidden_transfer", dict(adaptive=False, lookup=0)),  # the packaged heads alone
+    ("hidden_transfer", dict(adaptive=False)),  # packaged heads (draft vocabulary) + recycled depths + lookup
+    # chain, every step drafting (on a steep forward-time curve the sizing may rightly choose never to draft)
+    ("hidden_transfer", dict(adaptive=False, lookup=0, recycle=0, draft_vocab=False)),  # the packaged heads alone
     ("auto", {}),
     ("lud", dict(verify=True, adapters="none", beta=0.05)),  # the base model's placeholders: the verifier decides
 ]

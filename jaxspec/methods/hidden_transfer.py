@@ -140,7 +140,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   lookup: int = 5  # measured: MAT 1.73 -> 2.21 on unseen prompts (experiments/NOTES.md, session 11)
   max_ngram: int = 3
   min_ngram: int = 2
-  recycle: int = 0
+  recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
   draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   # resolved from the heads' meta.json
