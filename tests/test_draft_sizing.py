@@ -128,6 +128,32 @@ def test_a_table_per_context_predicts_with_its_own_priors():
   assert sizes[0] > 1 and sizes[1] == 1
 
 
+def test_a_cost_per_context_prices_drafting_work_apart():
+  """Same acceptance, same forward sizes: the context whose drafting costs extra (a partial pass)
+  drafts less."""
+  table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)
+  stats = draft_sizing.init_stats(contexts=2)
+  cost = ((1.0, 1.4, 1.7), (1.0, 1.9, 2.2))  # context 1 pays 0.5 of a forward more to draft
+  sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), cost, jnp.asarray([0, 1]))
+  assert sizes.tolist() == [3, 1]
+  assert draft_sizing.best_sizes(stats, table, (1, 3, 5), cost[0], jnp.asarray([0, 1])).tolist() == [3, 3]
+
+
+def test_hidden_transfer_prices_its_partial_pass(tiny, tmp_path):
+  """The measured pass is added to every size that verifies a head's draft: all sizes > 1
+  without a lookup match, only those past the grafted chain with one."""
+  from conftest import random_heads_folder
+  from jaxspec.methods.hidden_transfer import HiddenTransfer
+  folder = random_heads_folder(tiny, tmp_path / "h", k=3, layer=1)
+  m = HiddenTransfer(heads=str(folder), nodes=6, lookup=3).resolve(tiny)
+  assert 0.0 < m.pass_cost < 5.0
+  sizes, cost = m.forward_sizes, m.cost
+  for c, row in enumerate(m.step_cost):
+    for s, forward, step in zip(sizes, cost, row):
+      pays = s > 1 and (c == 0 or s > 1 + 3)
+      assert step == pytest.approx(forward + (m.pass_cost if pays else 0.0))
+
+
 @pytest.mark.parametrize("cost", [(1.0, 1.0, 1.0), (1.0, 50.0, 90.0)])
 def test_recycling_with_a_grafted_lookup_chain_keeps_ar_output(tiny, cost):
   from jaxspec.methods.token_recycling import TokenRecycling

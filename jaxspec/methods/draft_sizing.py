@@ -91,14 +91,16 @@ def observe(stats: SizingStats, table, verified_B, accepted_B, active_B, context
   return SizingStats(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
 
 
-def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost: tuple[float, ...], context_B) -> jax.Array:
+def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost, context_B) -> jax.Array:
   """[B]: each row's forward size (one of `sizes`) with the highest expected tokens per second
-  under its context's learned scale. `cost[i]`: forward time of sizes[i] tokens relative to one."""
+  under its context's learned scale. `cost[i]`: time of a step of sizes[i] tokens relative to a
+  1-token forward; or `cost[c][i]` per draft context (a step's drafting work may differ by context)."""
   g_B = _scale_index(stats, table)[context_B]
   table_CxTxG = _per_context(table)
   expected_BxS = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B)[:, None],
                                           jnp.asarray(sizes)[None, :], g_B[:, None]]
-  rate_BxS = (1.0 + expected_BxS) / jnp.asarray(cost, jnp.float32)[None, :]
+  cost_CxS = np.atleast_2d(np.asarray(cost, np.float32))
+  rate_BxS = (1.0 + expected_BxS) / jnp.asarray(cost_CxS)[jnp.minimum(context_B, cost_CxS.shape[0] - 1)]
   return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate_BxS, axis=1)]
 
 
@@ -127,6 +129,12 @@ class PrefixSizing:
   def context_priors(self) -> list[list[float]]:
     return [self.node_prior()]
 
+  @property
+  def step_cost(self):
+    """Time of a step per forward size relative to a 1-token forward: `cost` (the forward alone),
+    or one such list per draft context for a drafter whose drafting work is not free."""
+    return self.cost
+
   @cached_property
   def size_table(self) -> np.ndarray:
     """[T + 1, G] (one context) or [C, T + 1, G]."""
@@ -142,7 +150,7 @@ class PrefixSizing:
                                "first (generate does this)")
     B, T = valid_BxT.shape
     context_B = jnp.zeros((B,), jnp.int32) if context_B is None else context_B
-    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.cost, context_B)
+    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.step_cost, context_B)
     return valid_BxT & (jnp.arange(T)[None, :] < size_B[:, None])
 
   def observe_step(self, stats: SizingStats, draft, verdict, n_B) -> SizingStats:

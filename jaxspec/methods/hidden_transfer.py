@@ -37,6 +37,7 @@ by `jaxspec train hidden-transfer`. The package ships heads for its default mode
 from __future__ import annotations
 
 import dataclasses
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -115,6 +116,35 @@ def default_heads(model_name: str) -> Path:
   return path
 
 
+def partial_pass_cost(bundle, method: "HiddenTransfer", context: int = 128, repeats: int = 9) -> float:
+  """The partial pass's time relative to a 1-token forward, both timed in the same interleaved
+  rounds after `context` committed tokens (median); once per bundle, heads and pass shape."""
+  from flax import nnx
+  from jaxspec.models.kv_cache import init_cache
+  heads = method._drafting_params(method.load_params(bundle))
+  key = ("hidden_transfer_pass_cost", method.heads, method.offsets, "vocab_N" in heads, context)
+  if key in bundle.method_memory:
+    return bundle.method_memory[key]
+  model = lambda params: nnx.merge(bundle.graphdef, params)
+  cache = init_cache(bundle.config, 1, -(-(context + method.k + 1) // 128) * 128, bundle.dtype)
+  cache = cache.replace(lengths=jnp.asarray([context], jnp.int32))
+  one = jnp.ones((1, 1), jnp.int32)
+  forward = jax.jit(lambda p, c: model(p)(c, one, c.lengths[:, None], None, write_cache=False)[0])
+  pseudo = jax.jit(lambda p, hp, c: pseudo_logits(model(p), hp, c, jnp.ones((1, bundle.config.embed_dim)),
+                                                  method.layer, pending_B=one[:, 0], offsets=method.offsets))
+  runs = {"forward": lambda: forward(bundle.params, cache), "pass": lambda: pseudo(bundle.params, heads, cache)}
+  times = {n: [] for n in runs}
+  for f in runs.values():
+    jax.block_until_ready(f())  # compile
+  for _ in range(repeats):
+    for n, f in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[n].append(time.perf_counter() - t0)
+  bundle.method_memory[key] = float(np.median(times["pass"]) / np.median(times["forward"]))
+  return bundle.method_memory[key]
+
+
 @struct.dataclass
 class HTState:
   h_BxE: jax.Array  # layer-t residual of each row's last accepted token (f32)
@@ -143,6 +173,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
   draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
+  pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured when `cost` is
   # resolved from the heads' meta.json
   layer: int = 0
   k: int = 0
@@ -188,8 +219,19 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if m.nodes == "auto":
       m = dataclasses.replace(m, nodes=m._pick_nodes(bundle))
     if m.sized and m.cost is None:
-      m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
+      m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes),
+                              pass_cost=partial_pass_cost(bundle, m))
     return m
+
+  @property
+  def step_cost(self):
+    """Per draft context, the forward's cost plus the partial pass wherever a size verifies a
+    head's draft: every size > 1 without a lookup match; with one (context n >= 1) the main
+    path's first `lookup` nodes are grafted, so only sizes past them."""
+    sizes, cost = self.forward_sizes, self.cost
+    grafted = lambda c: self.lookup if c else 0
+    return tuple(tuple(cost[i] + (self.pass_cost if s > 1 + grafted(c) else 0.0) for i, s in enumerate(sizes))
+                 for c in range(num_contexts(self.lookup, self.max_ngram)))
 
   def load_params(self, bundle):
     """The heads (checked against the bundle's model), loaded once per bundle and path. Heads
@@ -214,6 +256,11 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
         loaded["head_ExN"] = nnx.merge(bundle.graphdef, bundle.params).head_columns(loaded["vocab_N"])
       bundle.method_memory[key] = loaded
     return bundle.method_memory[key]
+
+  @property
+  def offsets(self) -> int:
+    """Pseudo offsets the partial pass runs: the depths a head drafts."""
+    return 1 if self.recycle else self.k
 
   def _drafting_params(self, mparams):
     """The heads as the partial pass uses them (without the draft vocabulary unless `draft_vocab`)."""
@@ -315,7 +362,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
       tokens, ok_BxT, grafted_BxT = graft(tokens, ok_BxT, cont_BxL, found_BxL)
     valid = self.limit((jnp.arange(T)[None, :] == 0) | ok_BxT, ms.sizing, context_B)
     heads = self._drafting_params(mparams)
-    offsets = 1 if self.recycle else self.k  # the offsets a head drafts
+    offsets = self.offsets
     pseudo = lambda: pseudo_logits(model, heads, state.cache, ms.h_BxE, self.layer, attn_impl,
                                    pending_B=last_tokens(state), offsets=offsets)
     V = heads["vocab_N"].shape[0] if "vocab_N" in heads else model.config.vocab_size
