@@ -102,8 +102,11 @@ def pseudo_logits(model, heads, cache, h_BxE: jax.Array, layer: int, attn_impl="
   B, k, _ = x_BxKxE.shape
   positions = cache.lengths[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
   dtype = cache.k[layer].dtype  # the model's compute dtype
+  # a sub-vocabulary head only when the heads have one: a user's model needs `head_ExN` (and
+  # `head_columns`) only to decode with such heads
+  sub = {"head_ExN": heads["head_ExN"]} if "head_ExN" in heads else {}
   logits, _, _ = model(cache, None, positions, jnp.tril(jnp.ones((k, k), bool)), attn_impl=attn_impl,
-                       start_layer=layer, inputs_BxTxE=x_BxKxE.astype(dtype), head_ExN=heads.get("head_ExN"))
+                       start_layer=layer, inputs_BxTxE=x_BxKxE.astype(dtype), **sub)
   return logits
 
 
@@ -129,7 +132,8 @@ def partial_pass_cost(bundle, method: "HiddenTransfer", context: int = 128, repe
   cache = init_cache(bundle.config, 1, -(-(context + method.k + 1) // 128) * 128, bundle.dtype)
   cache = cache.replace(lengths=jnp.asarray([context], jnp.int32))
   one = jnp.ones((1, 1), jnp.int32)
-  forward = jax.jit(lambda p, c: model(p)(c, one, c.lengths[:, None], None, write_cache=False)[0])
+  mask = jnp.ones((1, 1), bool)
+  forward = jax.jit(lambda p, c: model(p)(c, one, c.lengths[:, None], mask, write_cache=False)[0])
   pseudo = jax.jit(lambda p, hp, c: pseudo_logits(model(p), hp, c, jnp.ones((1, bundle.config.embed_dim)),
                                                   method.layer, pending_B=one[:, 0], offsets=method.offsets))
   runs = {"forward": lambda: forward(bundle.params, cache), "pass": lambda: pseudo(bundle.params, heads, cache)}
@@ -173,7 +177,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
   draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
-  pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured when `cost` is
+  pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured at resolve along with `cost`
   # resolved from the heads' meta.json
   layer: int = 0
   k: int = 0
