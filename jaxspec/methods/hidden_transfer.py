@@ -51,7 +51,7 @@ from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
 from jaxspec.methods.lookup_graft import check_options, graft, grafted_priors, main_path_lookup, num_contexts
-from jaxspec.methods.token_recycling import recycle, recycled_children
+from jaxspec.methods.token_recycling import fill_from_matrix, recycle
 from jaxspec.verify import Draft, TreeSpec
 
 KIND = "hidden_transfer_heads"
@@ -355,7 +355,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     ms: HTState = state.method_state
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
-    parents, slots_T, depth = np.asarray(tree.parents), np.maximum(np.asarray(slots), 0), tree.depth
+    slots_T, depth = np.maximum(np.asarray(slots), 0), tree.depth
     heads_T = self._from_heads(depth)
     m = int(max(slots_T[heads_T])) + 1 if heads_T.any() else 1
     ok_BxT = jnp.asarray((depth >= 1) & (depth <= self.k))[None, :] & ms.has_h_B[:, None]
@@ -379,12 +379,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     head_tok = top_BxKxM[:, np.clip(depth - 1, 0, offsets - 1), np.minimum(slots_T, m - 1)]  # [B, T]
     keep_BxT = grafted_BxT | (jnp.arange(T) == 0)[None, :]
     tokens = jnp.where(keep_BxT, tokens, head_tok)
-    if self.recycle:  # depths >= 2 off the matrix, one depth at a time (children read their parent's token)
-      for d in range(2, tree.max_depth + 1):
-        nodes = np.nonzero(depth == d)[0]
-        tok_Bxn, seen_Bxn = recycled_children(ms.M_Vxk, ms.seen_V, tokens[:, parents[nodes]], slots_T[nodes])
-        tokens = tokens.at[:, nodes].set(jnp.where(keep_BxT[:, nodes], tokens[:, nodes], tok_Bxn))
-        valid = valid.at[:, nodes].set(valid[:, nodes] & valid[:, parents[nodes]] & (keep_BxT[:, nodes] | seen_Bxn))
+    if self.recycle:  # depths >= 2 off the matrix (children read their parent's token)
+      tokens, valid = fill_from_matrix(tokens, valid, keep_BxT, ms.M_Vxk, ms.seen_V, tree, slots, 2)
     return Draft(tokens=tokens, valid=valid, context=context_B), ms
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):

@@ -33,7 +33,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
-from jaxspec.methods.lookup_graft import check_options, grafted_priors, main_path_lookup, num_contexts
+from jaxspec.methods.lookup_graft import check_options, graft, grafted_priors, main_path_lookup, num_contexts
 from jaxspec.verify import Draft, TreeSpec
 
 MEMORY_KEY = "recycling_adjacency"
@@ -127,27 +127,17 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
                           seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
-    M_Vxk = state.method_state.M_Vxk
-    tree = self.tree
-    parents, slots, depth = np.asarray(tree.parents), self.slots, tree.depth
-    B = state.batch_size
-    seen_V = state.method_state.seen_V
-    toks = jnp.zeros((B, tree.size), jnp.int32).at[:, 0].set(last_tokens(state))
-    valid = jnp.ones((B, tree.size), bool)
+    ms: RecyclingState = state.method_state
+    B, T = state.batch_size, self.tree.size
+    toks = jnp.zeros((B, T), jnp.int32).at[:, 0].set(last_tokens(state))
+    keep = (jnp.arange(T) == 0)[None, :] & jnp.ones((B, 1), bool)  # the root
     context_B = None
-    if self.lookup:  # nodes 1..lookup are the main path (main_chain_first)
+    if self.lookup:  # nodes 1..lookup are the main path (main_chain_first): lookup tokens where found
       cont_BxL, found_BxL, context_B = main_path_lookup(state, self.lookup, self.max_ngram, self.min_ngram)
-    for d in range(1, tree.max_depth + 1):
-      nodes = np.nonzero(depth == d)[0]
-      parent_tok = toks[:, parents[nodes]]  # [B, n_d]
-      tok_Bxn, ok_Bxn = recycled_children(M_Vxk, seen_V, parent_tok, slots[nodes])
-      if self.lookup and d <= self.lookup:  # the main path's node at this depth takes the lookup token
-        on_chain = nodes == d
-        tok_Bxn = jnp.where(on_chain[None, :] & found_BxL[:, d - 1 : d], cont_BxL[:, d - 1 : d], tok_Bxn)
-        ok_Bxn = ok_Bxn | (on_chain[None, :] & found_BxL[:, d - 1 : d])
-      toks = toks.at[:, nodes].set(tok_Bxn)
-      valid = valid.at[:, nodes].set(valid[:, parents[nodes]] & ok_Bxn)
-    valid = self.limit(valid, state.method_state.sizing, context_B)
+      toks, _, grafted = graft(toks, keep, cont_BxL, found_BxL)
+      keep = keep | grafted
+    toks, valid = fill_from_matrix(toks, jnp.ones((B, T), bool), keep, ms.M_Vxk, ms.seen_V, self.tree, self.slots, 1)
+    valid = self.limit(valid, ms.sizing, context_B)
     return Draft(tokens=toks, valid=valid, context=context_B), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
@@ -169,7 +159,17 @@ def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, T: int):
   return M_Vxk, seen_V.at[rows.reshape(-1)].set(True, mode="drop")
 
 
-def recycled_children(M_Vxk, seen_V, parent_tok, slots):
-  """(tokens, ok) of tree nodes drawn from the matrix: candidate `slots` of each parent token;
-  ok where the parent's row was ever written."""
-  return M_Vxk[parent_tok, slots], seen_V[parent_tok]
+def fill_from_matrix(tokens_BxT, valid_BxT, keep_BxT, M_Vxk, seen_V, tree: TreeSpec, slots, from_depth: int):
+  """(tokens, valid) with every node at depth >= from_depth not in `keep` drawn from the matrix:
+  candidate slots[i] of its parent's token, one depth at a time (a child reads the token its parent
+  got). A node stays valid only under a valid parent and, when drawn, where the parent's row was
+  ever written; kept nodes (the root, grafted tokens) keep their token."""
+  parents, slots, depth = np.asarray(tree.parents), np.maximum(np.asarray(slots), 0), tree.depth
+  for d in range(from_depth, tree.max_depth + 1):
+    nodes = np.nonzero(depth == d)[0]
+    parent_tok = tokens_BxT[:, parents[nodes]]  # [B, n_d]
+    keep = keep_BxT[:, nodes]
+    tokens_BxT = tokens_BxT.at[:, nodes].set(jnp.where(keep, tokens_BxT[:, nodes], M_Vxk[parent_tok, slots[nodes]]))
+    ok = valid_BxT[:, nodes] & valid_BxT[:, parents[nodes]] & (keep | seen_V[parent_tok])
+    valid_BxT = valid_BxT.at[:, nodes].set(ok)
+  return tokens_BxT, valid_BxT
