@@ -143,6 +143,44 @@ def test_recycled_depths_read_their_parent_token_and_persist(tiny, tmp_path):
     HiddenTransfer(recycle=99)
 
 
+def test_depth_one_merges_the_heads_and_the_pending_tokens_row(tiny, tmp_path):
+  """With `root_recycle=j`, depth-1 slot c holds the c-th distinct token of: the heads' top-1, the
+  pending token's matrix row's top-1, the heads' next ranks, the row's next ones (a row never
+  written adds nothing); the output is AR's."""
+  from flax import nnx
+  from jaxspec import engine
+  from jaxspec.methods.hidden_transfer import pseudo_logits
+  from jaxspec.sampling import SamplingConfig
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  m = HiddenTransfer(heads=str(folder), nodes=8, recycle=4, root_recycle=2, lookup=0, adaptive=False).resolve(tiny)
+  tree, slots = m._tree_and_slots
+  first = np.nonzero(tree.depth == 1)[0]
+  assert len(first) >= 3
+  V = tiny.config.vocab_size
+  model = nnx.merge(tiny.graphdef, tiny.params)
+  heads = m.load_params(tiny)
+  for written in (True, False):
+    st = engine.init_state(tiny.config, [PROMPTS[0]], 8, m, None, 64, 8, jnp.float32)
+    ms = st.method_state
+    root = PROMPTS[0][-1]
+    top = np.asarray(jax.lax.top_k(pseudo_logits(model, heads, st.cache, ms.h_BxE, m.layer, pending_B=jnp.asarray([root]),
+                                                 offsets=1)[0, 0], 8)[1])
+    row = np.asarray([top[1], 7, 9, 9])  # the row's top-1 repeats the heads' 2nd: dropped there, kept once
+    M_Vxk = jnp.zeros((V, 4), jnp.int32).at[root].set(jnp.asarray(row))
+    seen_V = jnp.zeros((V,), bool).at[root].set(written)
+    st = st.replace(method_state=ms.replace(M_Vxk=M_Vxk, seen_V=seen_V, has_h_B=jnp.ones((1,), bool)))
+    draft, _ = m.propose(model, heads, st, SamplingConfig(0.0), jax.random.key(0))
+    tok = np.asarray(draft.tokens[0])
+    order = [top[0]] + ([row[0]] if written else []) + list(top[1:5]) + ([row[1]] if written else [])
+    want = list(dict.fromkeys(int(t) for t in order))
+    assert [int(tok[i]) for i in first] == [want[slots[i]] for i in first]
+    assert np.asarray(draft.valid[0])[first].all()
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids
+  with pytest.raises(InvalidOptionError, match="root_recycle"):
+    HiddenTransfer(recycle=2, root_recycle=3)
+
+
 def test_a_draft_vocabulary_limits_the_heads_drafts(tiny, tmp_path):
   """Heads saved with a draft vocabulary rank depth-1 drafts over those tokens only (the partial
   pass reads only their LM-head columns); the output is still AR's. The vocabulary is the data's

@@ -20,7 +20,11 @@ With `recycle=k` the nodes below depth 1 come from a Token Recycling matrix (the
 the model last predicted after each token, jaxspec.methods.token_recycling): a child then
 depends on its parent's token, which a head's offset >= 2 cannot (the heads draft each offset
 from the anchor alone). The heads draft depth 1, where they are strong; the matrix persists
-across calls on a bundle like recycling's.
+across calls on a bundle like recycling's. The matrix row of the pending token also drafts at
+depth 1 (`root_recycle=j`): the heads' top-1, then the row's top-1, the heads' next ones, then
+the row's next ones, duplicates dropped. The two disagree where either is wrong: on held-out
+text the heads' top-2 hold the next token 0.47 of the time, the heads' top-1 and the row's top-1
+0.51 with 1.6 distinct tokens (experiments/depth1_union.py).
 
 With `lookup=L` a prompt-lookup chain is grafted on the tree's main path where the text repeats
 (jaxspec.methods.lookup_graft): a 3-token match is right four times in five here, far above
@@ -55,6 +59,9 @@ from jaxspec.methods.token_recycling import fill_from_matrix, recycle
 from jaxspec.verify import Draft, TreeSpec
 
 KIND = "hidden_transfer_heads"
+# depth 1 with root_recycle, measured on 26 held-out prompts' greedy text (experiments/depth1_union.py)
+ROW_AFTER_HEAD = (0.18, 0.01)  # the row's top-1 / later ranks, right where no earlier candidate is
+HEAD_SHARE_LOST = 0.3  # the heads' ranks >= 2 are right this much less often after the row's top-1
 PACKAGED = Path(__file__).resolve().parent.parent / "data" / "heads"  # <model name>/params.safetensors + meta.json
 
 
@@ -164,7 +171,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   nodes (drafts, root excluded) or "auto" (picked from the measured forward times). `lookup`:
   length of a prompt-lookup chain grafted on the main path (0: none), from n-gram matches of
   min_ngram..max_ngram tokens. `recycle`: candidates per token of the recycled matrix that
-  drafts depths >= 2 (0: the heads draft every depth up to k). `draft_vocab`: rank the heads'
+  drafts depths >= 2 (0: the heads draft every depth up to k). `root_recycle`: candidates of the
+  pending token's matrix row merged into depth 1 after the heads' top-1. `draft_vocab`: rank the heads'
   drafts over the frequent-token vocabulary saved with the heads (`vocab_N`, when the file has
   one) instead of the whole vocabulary: the partial pass then reads N/V of the LM head."""
 
@@ -175,6 +183,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   max_ngram: int = 3
   min_ngram: int = 2
   recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
+  root_recycle: int = 2  # with recycle: depth-1 candidates from the pending token's matrix row
   draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured at resolve along with `cost`
@@ -192,6 +201,9 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if not 0 <= self.recycle <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"hidden_transfer recycle must be in [0, {len(tree_templates.PRIOR_SLOT_ACCEPT)}], "
                                f"got {self.recycle!r}")
+    if self.root_recycle < 0 or (self.recycle and self.root_recycle > self.recycle):
+      raise InvalidOptionError(f"hidden_transfer root_recycle must be in [0, recycle={self.recycle}] (the matrix "
+                               f"holds recycle candidates per token), got {self.root_recycle!r}")
 
   @property
   def memory_key(self) -> str | None:
@@ -277,9 +289,27 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def _slot_prior(self) -> tuple[float, ...]:
     return tuple(float(np.mean([row[c] for row in self.accept])) for c in range(len(self.accept[0])))
 
+  @cached_property
+  def _depth1_order(self) -> tuple[tuple[str, int], ...]:
+    """Depth-1 candidates before duplicates are dropped: ("head", rank) or ("row", rank): the
+    heads' top-1, the pending token's matrix row's top-1, the heads' others, the row's others."""
+    heads = [("head", c) for c in range(len(self.accept[0]))]
+    row = [("row", c) for c in range(self.root_recycle if self.recycle else 0)]
+    return tuple(heads[:1] + row[:1] + heads[1:] + row[1:])
+
+  def _depth1_prior(self) -> tuple[float, ...]:
+    """Per depth-1 slot: prior acceptance. The heads' measured acceptance by rank; a row
+    candidate after the heads' top-1 is right ROW_AFTER_HEAD[r] of the time, and the heads'
+    later ranks lose HEAD_SHARE_LOST of theirs to it (measured: experiments/depth1_union.py)."""
+    if not self.root_recycle or not self.recycle:
+      return tuple(self.accept[0])
+    shrink = 1.0 - HEAD_SHARE_LOST
+    return tuple(self.accept[0][c] * (shrink if c else 1.0) if src == "head" else ROW_AFTER_HEAD[min(c, 1)]
+                 for src, c in self._depth1_order)
+
   def _template(self, num_nodes: int):
     if self.recycle:
-      return tree_templates.best_paths_template(num_nodes, self.accept[0], max_depth=self.k,
+      return tree_templates.best_paths_template(num_nodes, self._depth1_prior(), max_depth=self.k,
                                                 deeper_accept=tree_templates.PRIOR_SLOT_ACCEPT[: self.recycle])
     return tree_templates.best_paths_template(num_nodes, self._slot_prior(), max_depth=self.k)
 
@@ -310,6 +340,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     def prior(d, c):
       if self.recycle and d >= 2:
         return tree_templates.PRIOR_SLOT_ACCEPT[c]
+      if self.recycle and d == 1:
+        return self._depth1_prior()[c]
       return self.accept[d - 1][c] if d <= self.k else 0.0
 
     return [0.0] + [prior(depth[i], slots[i]) for i in range(1, tree.size)]
@@ -377,11 +409,36 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if "vocab_N" in heads:
       top_BxKxM = heads["vocab_N"][top_BxKxM]
     head_tok = top_BxKxM[:, np.clip(depth - 1, 0, offsets - 1), np.minimum(slots_T, m - 1)]  # [B, T]
+    if self.recycle and self.root_recycle:  # depth 1: the heads' and the pending token's row's, merged
+      first = np.nonzero(depth == 1)[0]
+      merged_BxS, ok_BxS = self._merged_depth1(top_BxKxM[:, 0], ms.M_Vxk, ms.seen_V, last_tokens(state),
+                                               int(slots_T[first].max()) + 1)
+      head_tok = head_tok.at[:, first].set(merged_BxS[:, slots_T[first]])
+      ok_BxT = ok_BxT.at[:, first].set(ok_BxT[:, first] & ok_BxS[:, slots_T[first]])
+      valid = valid & (ok_BxT | (jnp.arange(T)[None, :] == 0) | grafted_BxT)
     keep_BxT = grafted_BxT | (jnp.arange(T) == 0)[None, :]
     tokens = jnp.where(keep_BxT, tokens, head_tok)
     if self.recycle:  # depths >= 2 off the matrix (children read their parent's token)
       tokens, valid = fill_from_matrix(tokens, valid, keep_BxT, ms.M_Vxk, ms.seen_V, tree, slots, 2)
     return Draft(tokens=tokens, valid=valid, context=context_B), ms
+
+  def _merged_depth1(self, heads_BxM, M_Vxk, seen_V, root_B, S: int):
+    """([B, S] tokens, [B, S] ok): the first S distinct candidates of `_depth1_order` (the heads'
+    ranks from heads_BxM, the row's from M[root], usable only where that row was written);
+    a slot past a row's distinct candidates is not ok."""
+    row_BxJ, row_ok_B = M_Vxk[root_B], seen_V[root_B]
+    pick = lambda src, c: (heads_BxM[:, c], jnp.ones_like(row_ok_B)) if src == "head" else (row_BxJ[:, c], row_ok_B)
+    cand = [pick(src, c) for src, c in self._depth1_order if src == "row" or c < heads_BxM.shape[1]]
+    tok_BxJ = jnp.stack([t for t, _ in cand], axis=1)
+    ok_BxJ = jnp.stack([o for _, o in cand], axis=1)
+    J = tok_BxJ.shape[1]
+    earlier_JxJ = jnp.tril(jnp.ones((J, J), bool), -1)  # [j, i]: i comes before j
+    dup_BxJ = jnp.any((tok_BxJ[:, :, None] == tok_BxJ[:, None, :]) & ok_BxJ[:, None, :] & earlier_JxJ[None], axis=2)
+    keep_BxJ = ok_BxJ & ~dup_BxJ
+    order_BxJ = jnp.argsort(jnp.where(keep_BxJ, 0, 1) * J + jnp.arange(J)[None, :], axis=1)  # kept first, in order
+    S = min(S, J)
+    return (jnp.take_along_axis(tok_BxJ, order_BxJ[:, :S], axis=1),
+            jnp.take_along_axis(keep_BxJ, order_BxJ[:, :S], axis=1))
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     """Keep the layer-t residual of each row's last accepted node: the next step's anchor."""
