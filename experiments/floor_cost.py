@@ -19,6 +19,7 @@ from pathlib import Path
 import jaxspec
 from jaxspec.bench import load_prompts
 from jaxspec.machine import machine_info
+from jaxspec.methods.hidden_transfer import HiddenTransfer
 from jaxspec.methods.lookahead import Lookahead
 from jaxspec.methods.prompt_lookup import PromptLookup
 from jaxspec.methods.token_recycling import TokenRecycling
@@ -29,7 +30,9 @@ METHODS = {
     "ar": "ar",
     "pld k=8 (T=1 always)": PromptLookup(k=8, sizes=(1, 9), cost=(1.0, 100.0)),
     "recycling tiny (T=1 always)": TokenRecycling(template="tiny", cost=NEVER),
+    "recycling 16 nodes (T=1 always)": TokenRecycling(template="medium", cost=NEVER),
     "recycling tiny + lookup 5 = auto (T=1 always)": TokenRecycling(template="tiny", lookup=5, cost=NEVER),
+    "hidden_transfer (T=1 always)": HiddenTransfer(cost=NEVER),
     "lookahead 2/2/1 adaptive (T=1 but probes)": Lookahead(W=2, N=2, G=1, adaptive=True, cost=NEVER),
     "pld k=1 fixed (T=2 always)": PromptLookup(k=1, adaptive=False),
 }

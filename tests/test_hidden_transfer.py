@@ -88,6 +88,22 @@ def test_random_heads_decode_exactly_like_ar(tiny, tmp_path, opts):
   assert got.stats.steps <= want.stats.steps
 
 
+def test_nodes_auto_prices_the_partial_pass(tiny, tmp_path, monkeypatch):
+  """`nodes="auto"` picks the template with the best (1 + expected accepted) / (forward + pass):
+  a dear pass favours bigger trees (more tokens per paid pass), a free one the curve's optimum."""
+  import jaxspec.profiling
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  m = HiddenTransfer(heads=str(folder), lookup=0).resolve(tiny)
+  monkeypatch.setattr(jaxspec.profiling, "forward_time_curve", lambda bundle, sizes: {t: 1.0 + 0.2 * (t - 1) for t in sizes})
+
+  def best(pass_cost):
+    rate = {n: (1 + m._expected(m._template(n))) / (1.0 + 0.2 * n + pass_cost) for n in (2, 4, 8, 12, 16, 24)}
+    return max(rate, key=rate.get)
+
+  assert best(0.0) != best(5.0)
+  assert m._pick_nodes(tiny, 0.0) == best(0.0) and m._pick_nodes(tiny, 5.0) == best(5.0)
+
+
 def test_a_grafted_lookup_chain_drafts_where_the_text_repeats(tiny, tmp_path):
   """Random heads rarely draft right; the lookup chain on the main path does in repetitive rows,
   and a step whose only drafts are grafted ones skips the heads' partial pass (same output)."""

@@ -232,8 +232,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     m = dataclasses.replace(self, heads=str(path), layer=int(meta["layer"]), k=int(meta["k"]), accept=accept)
     if not 1 <= m.layer < bundle.config.num_layers:
       raise HeadsFileError(f"{path}: layer {m.layer} outside 1..{bundle.config.num_layers - 1}")
-    if m.nodes == "auto":
-      m = dataclasses.replace(m, nodes=m._pick_nodes(bundle))
+    if m.nodes == "auto":  # every drafting step pays the partial pass too: price it into the choice
+      m = dataclasses.replace(m, nodes=m._pick_nodes(bundle, partial_pass_cost(bundle, m)))
     if m.sized and m.cost is None:
       m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes),
                               pass_cost=partial_pass_cost(bundle, m))
@@ -320,12 +320,13 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     tree, slots = self._template(int(self.nodes))
     return tree_templates.main_chain_first(tree, slots, self.lookup) if self.lookup else (tree, slots)
 
-  def _pick_nodes(self, bundle) -> int:
-    """The template size with the best expected tokens/s on this device's forward-time curve."""
+  def _pick_nodes(self, bundle, pass_cost: float = 0.0) -> int:
+    """The template size with the best expected tokens/s on this device's forward-time curve, a
+    step costing its forward plus the partial pass (`pass_cost`, relative to a 1-token forward)."""
     from jaxspec.profiling import forward_time_curve
     options = (2, 4, 8, 12, 16, 24)
     curve = forward_time_curve(bundle, [1] + [n + 1 for n in options])
-    rate = {n: (1 + self._expected(self._template(n))) / (curve[n + 1] / curve[1]) for n in options}
+    rate = {n: (1 + self._expected(self._template(n))) / (curve[n + 1] / curve[1] + pass_cost) for n in options}
     return max(rate, key=rate.get)
 
   def _expected(self, tree_slots) -> float:
