@@ -8,9 +8,9 @@ row, a long chain where the text repeats (pld's strength: summarization, RAG, ex
 recycled tree elsewhere (which never lost a category on the CPUs measured), or no draft when
 neither is expected to pay, each from the acceptance observed so far in this generation and the
 device's measured forward times. With `heads=DIR` it is hidden_transfer with those heads. The
-packaged hidden-transfer heads are not chosen by default: on unseen prompts they measured 1.07x
-AR beside this configuration's 1.14x (session 12, with recycled depths and a draft vocabulary;
-their partial pass still costs 0.15 of a forward on steps that verify a head's draft).
+packaged hidden-transfer heads are not chosen by default: on unseen prompts they measured 1.09x
+AR beside this configuration's 1.15x in one run (session 13; their partial pass costs 0.15 of a
+forward on steps that verify a head's draft, and their step drafting nothing 1.05x an AR step).
 """
 
 from __future__ import annotations
