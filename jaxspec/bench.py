@@ -71,9 +71,12 @@ def _summarise(runs: list[dict], ar_runs: list[dict] | None) -> dict:
   return out
 
 
+FORWARD_CURVE = (1, 2, 4, 8, 16)  # forward sizes whose times a bench records (the device's curve; cached)
+
+
 def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recycling"), prompts_path=None,
               categories=None, per_category: int = 2, max_new_tokens: int = 128, temperature: float = 0.0,
-              top_p: float = 1.0, top_k: int = 0, seed: int = 0, dtype=None, forward_curve=(),
+              top_p: float = 1.0, top_k: int = 0, seed: int = 0, dtype=None, forward_curve=FORWARD_CURVE,
               out: str | None = None, plot: str | None = None, mesh=None, progress: bool = True,
               warm_per_category: int = 0, repeats: int = 1) -> dict:
   """Run every method over the prompts (AR first, same process) and report MAT, speed, acceptance.
@@ -84,6 +87,8 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   Recycling paper, whose matrix persists across queries. `repeats`: runs per prompt and method,
   each from the learned state the method had before the prompt (so a repeat never drafts from
   its own earlier output); the run's wall time is their median, the rest is the first run's.
+  `forward_curve`: forward sizes whose times go into the report beside the machine (the curve the
+  sizing reads, cached per model and device; () to skip).
   """
   if repeats < 1:
     raise InvalidOptionError(f"repeats must be >= 1, got {repeats}")
@@ -280,7 +285,7 @@ def add_bench_parser(sub) -> None:
   p.add_argument("--dtype", default=None)
   p.add_argument("--repeats", type=int, default=1,
                  help="runs per prompt and method; each prompt's time is their median (noisy machines)")
-  p.add_argument("--forward-curve", default="1,2,4,8,16",
+  p.add_argument("--forward-curve", default=",".join(map(str, FORWARD_CURVE)),
                  help="token counts to time one forward at (recorded with the results; '' to skip)")
   p.add_argument("--out", default=None, help="JSON result path")
   p.add_argument("--plot", default=None, help="PNG path for the speedup/MAT plot")

@@ -94,7 +94,9 @@ def test_interleaved_methods_keep_their_own_learned_state():
   (the matrix), yet each sees only what it learned itself: the same forwards as running alone."""
   kw = dict(prompts_path=DEV_PROMPTS, categories=["qa", "writing"], per_category=1, max_new_tokens=24, progress=False)
   tiny, small = "recycling:template=tiny,adaptive=False", "recycling:template=small,adaptive=False"
-  both = run_bench(methods=(tiny, small), **kw)["runs"]
+  report = run_bench(methods=(tiny, small), **kw)
+  assert set(report["forward_time_curve_s"]) == {"1", "2", "4", "8", "16"}  # by default a bench records the curve
+  both = report["runs"]
   alone = run_bench(methods=(small,), **kw)["runs"]
   assert [r["forwards"] for r in both[small]] == [r["forwards"] for r in alone[small]]
   assert [r["accept_hist"] for r in both[small]] == [r["accept_hist"] for r in alone[small]]
