@@ -13,6 +13,19 @@ from flax import nnx  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_functions():
+  """Each test module's compiled functions are dropped when it ends: a worker runs many modules,
+  each compiling its own methods over a 30-layer model, and two workers holding them all ran a
+  24 GiB machine out of memory (the persistent XLA cache keeps recompiles cheap)."""
+  yield
+  import gc
+  jax.clear_caches()
+  gc.collect()
+
+
 # 39 Spec-Bench prompts, 3 per category, shipped with the tests (source and license: data/README.md).
 DEV_PROMPTS = os.path.join(os.path.dirname(__file__), "data", "spec_bench_mini.jsonl")
 
