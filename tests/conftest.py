@@ -14,12 +14,12 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_functions():
-  """Each test module's compiled functions are dropped when it ends: a worker runs many modules,
-  each compiling its own methods over a 30-layer model, and two workers holding them all ran a
-  24 GiB machine out of memory (the persistent XLA cache keeps recompiles cheap)."""
+  """Each test module's compiled functions are dropped when it ends (the persistent XLA cache keeps
+  recompiles cheap). A worker runs many modules on a 30-layer model, and two workers once ran a
+  24 GiB machine out of memory; this did not measurably lower a worker's peak (~11-12 GB, see
+  experiments/NOTES.md, session 13), so memory is still the suite's tightest limit."""
   yield
   import gc
   jax.clear_caches()
