@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxspec.sampling import SamplingConfig, target_logprobs
+from jaxspec.sampling import SamplingConfig, target_logprobs, vocab_argmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +121,11 @@ def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
   return jnp.where(j_D1[None, :] <= d_B[:, None], path, last_B[:, None])
 
 
-def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array) -> Verdict:
-  """Deepest path of argmax matches, plus the argmax bonus. Ties: the lowest node id."""
+def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, argmax_BxT=None) -> Verdict:
+  """Deepest path of argmax matches, plus the argmax bonus. Ties: the lowest node id.
+  `argmax_BxT`: the logits' argmax when the caller has it (read at valid nodes only)."""
   T = tree.size
-  argmax_BxT = jnp.argmax(logits_BxTxV[:, :T], axis=-1).astype(jnp.int32)
+  argmax_BxT = vocab_argmax(logits_BxTxV[:, :T]) if argmax_BxT is None else argmax_BxT[:, :T]
   parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
   match_BxT = (draft.tokens[:, :T] == argmax_BxT[:, parents]) & draft.valid[:, :T]
   match_BxT = match_BxT.at[:, 0].set(True)
@@ -216,10 +217,12 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
 
 
 def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,
-           without_replacement: bool = False) -> Verdict:
-  """Greedy or lossless stochastic verification, by `sampling`."""
+           without_replacement: bool = False, argmax_BxT=None) -> Verdict:
+  """Greedy or lossless stochastic verification, by `sampling`. `argmax_BxT` (greedy only): the
+  logits' argmax at each forward token when the step already has it; rows past the step's
+  forward size may hold anything, they are never read (those nodes are invalid)."""
   if sampling.greedy:
-    return verify_greedy(tree, draft, logits_BxTxV)
+    return verify_greedy(tree, draft, logits_BxTxV, argmax_BxT)
   return verify_stochastic(tree, draft, logits_BxTxV, sampling, key, without_replacement)
 
 

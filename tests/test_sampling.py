@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxspec.errors import InvalidOptionError
-from jaxspec.sampling import SamplingConfig, sample_tokens, target_logprobs
+from jaxspec.sampling import SamplingConfig, sample_tokens, target_logprobs, vocab_argmax
 
 
 def test_top_k_and_top_p_support():
@@ -17,6 +17,23 @@ def test_top_k_and_top_p_support():
   np.testing.assert_allclose(p, [1, 0, 0, 0], atol=1e-6)
   p = np.exp(np.asarray(target_logprobs(logits, SamplingConfig(0.5))))
   np.testing.assert_allclose(p, np.array([16, 9, 4, 1]) / 30, atol=1e-6)
+
+
+def test_vocab_argmax_is_argmax_with_the_lowest_index_on_ties():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 5, 4099)).astype(np.float32)
+  x[0, 0, [7, 4000]] = 9.0  # a tie: the lower index wins
+  x[0, 1, 4098] = 9.0  # the last index
+  x[1, 2, :] = -np.inf  # masked row (top-k / top-p cut everything): index 0, like jnp.argmax
+  x[1, 3, 5:] = -np.inf
+  x[2, 4, :] = 1.5  # constant row
+  x = jnp.asarray(x)
+  want = np.asarray(jnp.argmax(x, axis=-1))
+  got = np.asarray(jax.jit(vocab_argmax)(x))
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 0] == 7 and got[0, 1] == 4098 and got[2, 4] == 0
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(vocab_argmax(x.astype(jnp.bfloat16)), jnp.argmax(x.astype(jnp.bfloat16), axis=-1))
 
 
 def test_samples_follow_target_distribution():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.base import Method
+from jaxspec.sampling import vocab_argmax
 from jaxspec.verify import Draft, TreeSpec
 
 # How a fresh window slot is filled; for SJD each also fixes the slot's q.
@@ -159,6 +160,6 @@ class Jacobi(WindowMethod):
     return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool)), ms
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
-    argmax_BxT = jnp.argmax(logits_BxTxV[:, :self.n], axis=-1).astype(jnp.int32)
+    argmax_BxT = vocab_argmax(logits_BxTxV[:, :self.n])
     idx_BxK, carried_B = self.shift_index(verdict.n, self.n)
     return dict(guess=jnp.take_along_axis(argmax_BxT, idx_BxK, axis=1), carried=carried_B)

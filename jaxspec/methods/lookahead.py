@@ -41,6 +41,7 @@ from jaxspec.decode_state import DecodeState, last_tokens
 from jaxspec.errors import InvalidOptionError
 from jaxspec.methods.base import Method
 from jaxspec.methods.forward_layout import ForwardLayout, Segment
+from jaxspec.sampling import vocab_argmax
 from jaxspec.verify import Draft, TreeSpec, Verdict, verify_candidates_trie
 
 HIT_DECAY = 0.9  # per step: ~10 steps of memory
@@ -197,16 +198,16 @@ class Lookahead(Method):
                              jnp.broadcast_to(window_on, (B, K * self.W))], axis=1)
     return Draft(tokens=tokens, valid=valid, context=window_on), ms
 
-  def verify(self, draft: Draft, logits_BxTxV, sampling, key) -> Verdict:
+  def verify(self, draft: Draft, logits_BxTxV, sampling, key, argmax_BxT=None) -> Verdict:
     if sampling.greedy:
-      return super().verify(draft, logits_BxTxV, sampling, key)
+      return super().verify(draft, logits_BxTxV, sampling, key, argmax_BxT)
     return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key)
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     ms = dict(method_state)
     B, K, W = state.batch_size, self.K, self.W
     window_BxKWxV = logits_BxTxV[:, self.forward_layout.slice("window")]
-    new_BxW = jnp.argmax(window_BxKWxV[:, (K - 1) * W:], axis=-1).astype(jnp.int32)  # the window's last row
+    new_BxW = vocab_argmax(window_BxKWxV[:, (K - 1) * W:])  # the window's last row
     win_BxKxW = ms["window"]
     keys_BxW = win_BxKxW[:, 0, :]
     vals_BxWxK = jnp.concatenate([jnp.swapaxes(win_BxKxW[:, 1:, :], 1, 2), new_BxW[:, :, None]], axis=2)

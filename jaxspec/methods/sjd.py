@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState
 from jaxspec.methods.jacobi import ONE_HOT, PROMPT, UNIFORM, WindowMethod, prompt_histogram
-from jaxspec.sampling import target_logprobs
+from jaxspec.sampling import target_logprobs, vocab_argmax
 from jaxspec.verify import Draft
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ class SJD(WindowMethod):
     V = model.config.vocab_size
     k_carry, k_init = jax.random.split(key)
     if sampling.greedy:
-      carried_BxK = jnp.argmax(ms["logits"], axis=-1).astype(jnp.int32)
+      carried_BxK = vocab_argmax(ms["logits"])
       tokens = self.fill_window(state, carried_BxK, ms["carried"], k_init, V)
       return Draft(tokens=tokens, valid=jnp.ones(tokens.shape, bool)), ms
     logq_BxKxV = target_logprobs(ms["logits"], sampling)
