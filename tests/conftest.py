@@ -16,14 +16,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_functions():
-  """Each test module's compiled functions are dropped when it ends (the persistent XLA cache keeps
-  recompiles cheap). A worker runs many modules on a 30-layer model, and two workers once ran a
-  24 GiB machine out of memory; this did not measurably lower a worker's peak (~11-12 GB, see
-  experiments/NOTES.md, session 13), so memory is still the suite's tightest limit."""
+  """Each test module's compiled executables are dropped when it ends (the persistent XLA cache
+  keeps recompiles cheap), and the freed heap is handed back to the OS: jaxspec's own
+  `engine.COMPILED` held ~100 MB per decode loop of the real model, and with glibc the freed
+  memory stayed in the process. Without this two workers once ran the 24 GiB machine out of
+  memory (experiments/NOTES.md, sessions 13-14)."""
   yield
+  import ctypes
+  import ctypes.util
   import gc
+
+  from jaxspec import engine
+  engine.COMPILED.clear()
   jax.clear_caches()
   gc.collect()
+  libc = ctypes.util.find_library("c")
+  if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+    ctypes.CDLL(libc).malloc_trim(0)
 
 
 # 39 Spec-Bench prompts, 3 per category, shipped with the tests (source and license: data/README.md).

@@ -124,3 +124,20 @@ def test_incremental_detokenization_holds_back_partial_characters():
   pieces = [tail.push([b], final=i == len(data) - 1) for i, b in enumerate(data)]
   assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
   assert len(tail.ids) - tail.prefix <= 4  # only a short window of the newest tokens is decoded
+
+
+def test_compiled_cache_keeps_the_most_recently_used_executables():
+  from jaxspec.engine import CompiledCache
+  cache = CompiledCache(max_entries=2)
+  f = jax.jit(lambda x: x * 2)
+  args = {n: (jnp.ones((n,)),) for n in (1, 2, 3)}
+  compile_s = lambda n: cache.get(f, args[n], {})[1]
+  assert compile_s(1) > 0 and compile_s(2) > 0
+  assert compile_s(1) == 0.0  # reused, and now the most recent
+  assert compile_s(3) > 0 and len(cache) == 2  # 2 was the least recently used: dropped
+  assert compile_s(1) == 0.0
+  assert compile_s(2) > 0
+  exe, _ = cache.get(f, args[3], {})
+  np.testing.assert_array_equal(exe(*args[3]), 2 * np.ones(3))
+  cache.clear()
+  assert len(cache) == 0
