@@ -5,7 +5,7 @@ Each method runs with forward costs that make every draft look unprofitable, so 
 Interleaved per prompt in one process; median decode time per step (prefill and compile excluded)
 relative to AR's. A zero-acceptance prompt runs at 1 / this ratio of AR's speed.
 
-    python experiments/floor_cost.py [--rounds 2] [--out experiments/results/floor_cost.json]
+    python experiments/floor_cost.py [--rounds 2] [--temperature 0.7] [--out experiments/results/floor_cost.json]
 """
 
 from __future__ import annotations
@@ -45,20 +45,23 @@ def main() -> int:
   ap.add_argument("--num-prompts", type=int, default=4)
   ap.add_argument("--max-new-tokens", type=int, default=96)
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--temperature", type=float, default=0.0)
   ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "floor_cost.json"))
   a = ap.parse_args()
   bundle = jaxspec.load_model(a.model, progress=False)
   prompts = load_prompts(a.prompts, per_category=1)[: a.num_prompts]
   for m in METHODS.values():  # compile everything first
-    jaxspec.generate(bundle, [prompts[0]["prompt"]], method=m, max_new_tokens=8)
+    jaxspec.generate(bundle, [prompts[0]["prompt"]], method=m, max_new_tokens=8, temperature=a.temperature)
   per_step = {k: [] for k in METHODS}
   for _ in range(a.rounds):
     for p in prompts:
       for label, m in METHODS.items():
-        s = jaxspec.generate(bundle, [p["prompt"]], method=m, max_new_tokens=a.max_new_tokens).stats
+        s = jaxspec.generate(bundle, [p["prompt"]], method=m, max_new_tokens=a.max_new_tokens,
+                             temperature=a.temperature).stats
         per_step[label].append((s.wall_s - s.prefill_s) / max(s.steps, 1))
   ar = per_step["ar"]
   report = {"model": a.model, "machine": machine_info(), "prompts": len(prompts), "rounds": a.rounds,
+            "temperature": a.temperature,
             "median_step_ms": {k: 1e3 * statistics.median(v) for k, v in per_step.items()},
             "ratio_to_ar": {k: statistics.median([x / y for x, y in zip(v, ar)]) for k, v in per_step.items()},
             "load_avg": os.getloadavg()}

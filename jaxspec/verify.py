@@ -103,6 +103,30 @@ class Verdict:
   keep: Optional[jax.Array] = None  # [B] forward slots whose K/V the cache keeps (None: n; LUD's lossy mode: fewer)
 
 
+@struct.dataclass
+class TargetRows:
+  """What a step computed from the target logits over the rows its forward ran, so the verifier
+  does no per-row work over the vocabulary for rows that were not run (rows past them hold zeros
+  and are never read: those nodes are invalid). Greedy: the argmax; sampling: the target
+  distribution p (`target_logprobs`, exponentiated)."""
+  argmax_BxT: Optional[jax.Array] = None  # [B, T] int32
+  probs_BxTxV: Optional[jax.Array] = None  # [B, T, V]
+
+
+def target_rows(logits_BxTxV: jax.Array, sampling: SamplingConfig) -> TargetRows:
+  """The TargetRows of these logits (all their rows)."""
+  if sampling.greedy:
+    return TargetRows(argmax_BxT=vocab_argmax(logits_BxTxV))
+  return TargetRows(probs_BxTxV=jnp.exp(target_logprobs(logits_BxTxV, sampling)))
+
+
+def _target_probs(logits_BxTxV, T: int, sampling: SamplingConfig, target: Optional[TargetRows]) -> jax.Array:
+  """[B, T, V] target p of the first T rows: the step's, or computed here."""
+  if target is not None and target.probs_BxTxV is not None:
+    return target.probs_BxTxV[:, :T]
+  return jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+
+
 def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
   """[B, D+1] path root..last (padded by repeating last)."""
   parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
@@ -121,11 +145,13 @@ def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
   return jnp.where(j_D1[None, :] <= d_B[:, None], path, last_B[:, None])
 
 
-def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, argmax_BxT=None) -> Verdict:
+def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array,
+                  target: Optional[TargetRows] = None) -> Verdict:
   """Deepest path of argmax matches, plus the argmax bonus. Ties: the lowest node id.
-  `argmax_BxT`: the logits' argmax when the caller has it (read at valid nodes only)."""
+  `target`: the step's argmax, when it has it (read at valid nodes only)."""
   T = tree.size
-  argmax_BxT = vocab_argmax(logits_BxTxV[:, :T]) if argmax_BxT is None else argmax_BxT[:, :T]
+  have = target is not None and target.argmax_BxT is not None
+  argmax_BxT = target.argmax_BxT[:, :T] if have else vocab_argmax(logits_BxTxV[:, :T])
   parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
   match_BxT = (draft.tokens[:, :T] == argmax_BxT[:, parents]) & draft.valid[:, :T]
   match_BxT = match_BxT.at[:, 0].set(True)
@@ -149,18 +175,18 @@ def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, argmax_
 
 def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
                       key: jax.Array, without_replacement: bool = False,
-                      accept_rule: str = "exact") -> Verdict:
+                      accept_rule: str = "exact", target: Optional[TargetRows] = None) -> Verdict:
   """Recursive rejection sampling over the tree (see module doc). Lossless for accept_rule="exact".
 
   accept_rule="naive" (resample from p instead of the residual on rejection) exists only so
-  tests can show the statistical test detects a wrong rule.
+  tests can show the statistical test detects a wrong rule. `target`: the step's p, when it has it.
   """
   B, T = draft.tokens.shape[0], tree.size
   V = logits_BxTxV.shape[-1]
   D = tree.max_depth
   children = jnp.asarray(tree.children)  # [T, C]
   C = children.shape[1]
-  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+  p_all_BxTxV = _target_probs(logits_BxTxV, T, sampling, target)
   keys = jax.random.split(key, B)
 
   def row(p_TxV, toks_T, valid_T, q_TxV, k):
@@ -217,17 +243,16 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
 
 
 def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,
-           without_replacement: bool = False, argmax_BxT=None) -> Verdict:
-  """Greedy or lossless stochastic verification, by `sampling`. `argmax_BxT` (greedy only): the
-  logits' argmax at each forward token when the step already has it; rows past the step's
-  forward size may hold anything, they are never read (those nodes are invalid)."""
+           without_replacement: bool = False, target: Optional[TargetRows] = None) -> Verdict:
+  """Greedy or lossless stochastic verification, by `sampling`. `target`: what the step already
+  computed from the logits (`TargetRows`; None: computed here from all rows)."""
   if sampling.greedy:
-    return verify_greedy(tree, draft, logits_BxTxV, argmax_BxT)
-  return verify_stochastic(tree, draft, logits_BxTxV, sampling, key, without_replacement)
+    return verify_greedy(tree, draft, logits_BxTxV, target)
+  return verify_stochastic(tree, draft, logits_BxTxV, sampling, key, without_replacement, target=target)
 
 
 def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sampling, key,
-                           accept_rule: str = "exact") -> Verdict:
+                           accept_rule: str = "exact", target: Optional[TargetRows] = None) -> Verdict:
   """Lossless verification of G deterministic chain candidates that may share prefixes.
 
   Treats the candidates as a trie: at depth d the candidates still matching the accepted prefix
@@ -236,12 +261,12 @@ def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sa
   repeated token then has probability 0). The token after the accepted prefix is drawn from the
   remaining p. The committed sequence is distributed exactly as AR sampling.
   `accept_rule="naive"` (keep p on rejection) is wrong on purpose: tests inject it to show the
-  statistical test detects a wrong rule.
+  statistical test detects a wrong rule. `target`: the step's p, when it has it.
   """
   G, K = nodes_GxK.shape
   T = 1 + G * K
   nodes = jnp.asarray(nodes_GxK, jnp.int32)
-  p_all_BxTxV = jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
+  p_all_BxTxV = _target_probs(logits_BxTxV, T, sampling, target)
   keys = jax.random.split(key, draft.tokens.shape[0])
 
   def row(p_TxV, toks_T, valid_T, k):

@@ -162,7 +162,7 @@ def test_sampling_matches_exact_distribution(peaked, opts):
 class NaiveLookahead(Lookahead):
   """Lookahead with a wrong trie rule (keep p on rejection), injected by the test."""
 
-  def verify(self, draft, logits_BxTxV, sampling, key, argmax_BxT=None):
+  def verify(self, draft, logits_BxTxV, sampling, key, target=None):
     return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 

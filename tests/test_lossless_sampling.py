@@ -60,7 +60,7 @@ def test_hidden_transfer_sampling_matches_ar_distribution(setup, tmp_path, recyc
 
 @dataclasses.dataclass(frozen=True)
 class NaiveHiddenTransfer(HiddenTransfer):
-  def verify(self, draft, logits_BxTxV, sampling, key, argmax_BxT=None):
+  def verify(self, draft, logits_BxTxV, sampling, key, target=None):
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 
@@ -69,7 +69,7 @@ class NaivePLD(PromptLookup):
   """Prompt lookup with a deliberately wrong verifier (resample from p, not the residual): a
   method of its own, so it compiles apart and nothing shared is patched."""
 
-  def verify(self, draft, logits_BxTxV, sampling, key, argmax_BxT=None):
+  def verify(self, draft, logits_BxTxV, sampling, key, target=None):
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 
@@ -85,7 +85,7 @@ def test_wrong_rule_is_detected(setup):
 
 @dataclasses.dataclass(frozen=True)
 class NaiveLUD(LUD):
-  def verify(self, draft, logits_BxTxV, sampling, key, argmax_BxT=None):
+  def verify(self, draft, logits_BxTxV, sampling, key, target=None):
     r_B = jnp.sum(draft.valid, axis=1) - (self.k - 1)
     drafted = draft.replace(valid=jnp.arange(self.k)[None, :] < r_B[:, None], tokens=draft.tokens[:, :self.k])
     return verify_stochastic(self.tree, drafted, logits_BxTxV[:, :self.k], sampling, key, accept_rule="naive")

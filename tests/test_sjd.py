@@ -59,9 +59,9 @@ def test_sampling_matches_exact_distribution(peaked, sampling, options):
 class NaiveSJD(SJD):
   """SJD with a wrong rule (resample from p, not the residual), injected by the test."""
 
-  def verify(self, draft, logits_BxTxV, sampling, key, argmax_BxT=None):
+  def verify(self, draft, logits_BxTxV, sampling, key, target=None):
     if sampling.greedy:
-      return super().verify(draft, logits_BxTxV, sampling, key, argmax_BxT)
+      return super().verify(draft, logits_BxTxV, sampling, key, target)
     return verify_stochastic(self.tree, draft, logits_BxTxV, sampling, key, accept_rule="naive")
 
 

@@ -5,8 +5,8 @@ engine runs one step shape for all of them (`jaxspec.methods.speculative.specula
 
     draft, mstate = method.propose(model, mparams, state, sampling, key, attn_impl)   # tree of `tree.size` tokens
     logits, hidden, cache = model(cache, draft.tokens, positions, method.forward_mask)
-    argmax = greedy argmax of logits, over the rows the forward ran (None when sampling)
-    verdict = method.verify(draft, logits, sampling, key, argmax)           # accepted path + next token
+    target = argmax (greedy) or p (sampling) of the logits, over the rows the forward ran
+    verdict = method.verify(draft, logits, sampling, key, target)           # accepted path + next token
     cache = commit(cache, verdict.path, n)                                  # per row
     mstate = method.update(mstate, state, draft, logits, hidden, verdict, n)
 
@@ -134,11 +134,12 @@ class Method:
     pending_Bx1 = last_tokens(state)[:, None]
     return Draft(tokens=pending_Bx1, valid=pending_Bx1 >= 0), state.method_state
 
-  def verify(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key, argmax_BxT=None) -> Verdict:
+  def verify(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key, target=None) -> Verdict:
     """Accepted path and next token over the first `tree.size` forward tokens: the shared,
-    lossless verifier (a method overrides this only to change the rule). `argmax_BxT`: the
-    logits' argmax, computed by the greedy step on the rows its forward ran (None: not given)."""
-    return verify(self.tree, draft, logits_BxTxV, sampling, key, self.without_replacement, argmax_BxT)
+    lossless verifier (a method overrides this only to change the rule). `target`: the argmax
+    (greedy) or target distribution (sampling) the step computed on the rows its forward ran
+    (`jaxspec.verify.TargetRows`; None: not given)."""
+    return verify(self.tree, draft, logits_BxTxV, sampling, key, self.without_replacement, target)
 
   def update(self, method_state, state: DecodeState, draft: Draft, logits_BxTxV, hidden, verdict: Verdict, n_B):
     """Method state after the verified step. `state` already holds the committed tokens; n_B is

@@ -198,10 +198,10 @@ class Lookahead(Method):
                              jnp.broadcast_to(window_on, (B, K * self.W))], axis=1)
     return Draft(tokens=tokens, valid=valid, context=window_on), ms
 
-  def verify(self, draft: Draft, logits_BxTxV, sampling, key, argmax_BxT=None) -> Verdict:
+  def verify(self, draft: Draft, logits_BxTxV, sampling, key, target=None) -> Verdict:
     if sampling.greedy:
-      return super().verify(draft, logits_BxTxV, sampling, key, argmax_BxT)
-    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key)
+      return super().verify(draft, logits_BxTxV, sampling, key, target)
+    return verify_candidates_trie(self.candidate_nodes, draft, logits_BxTxV, sampling, key, target=target)
 
   def update(self, method_state, state, draft, logits_BxTxV, hidden, verdict, n_B):
     ms = dict(method_state)

@@ -225,11 +225,11 @@ class LUD(Method):
     probs = jax.nn.softmax(ph_logits.astype(jnp.float32), axis=-1)
     return toks, jnp.take_along_axis(probs, toks[..., None], axis=-1)[..., 0]
 
-  def verify(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key, argmax_BxT=None) -> Verdict:
+  def verify(self, draft: Draft, logits_BxTxV, sampling: SamplingConfig, key, target=None) -> Verdict:
     if self.verify_drafts:  # the shared verifier over the pending token and the drafts only
       r_B = jnp.sum(draft.valid, axis=1) - (self.k - 1)
       drafted = draft.replace(valid=jnp.arange(self.k)[None, :] < r_B[:, None], tokens=draft.tokens[:, :self.k])
-      return verify(self.tree, drafted, logits_BxTxV[:, :self.k], sampling, key, False, argmax_BxT)
+      return verify(self.tree, drafted, logits_BxTxV[:, :self.k], sampling, key, False, target)
     r_B = jnp.sum(draft.valid, axis=1) - (self.k - 1)  # pending inputs
     k1, k2 = jax.random.split(key)
     first_B = sample_tokens(jnp.take_along_axis(logits_BxTxV, (r_B - 1)[:, None, None], axis=1)[:, 0], k1, sampling)

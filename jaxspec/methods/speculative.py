@@ -8,8 +8,9 @@ Pay per draft: a method with several `forward_sizes` runs, each step, the smalle
 prefix that holds every row's valid draft nodes (one `lax.switch`, every branch compiled once;
 the rows of a batch share the step's size). Nodes past it are invalid, so they are never
 accepted and their logits (zeros) are never read. Work per forward token that the verifier
-needs (the greedy argmax over the vocabulary) is done inside the branch on its rows only: a
-step that drafts nothing then costs what an AR step does, whatever the method's largest layout.
+needs (the greedy argmax, or the target distribution when sampling) is done inside the branch on
+its rows only: a step that drafts nothing then costs about what an AR step does, whatever the
+method's largest layout.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, append_tokens, record_step
 from jaxspec.models.kv_cache import advance, commit, write_new
-from jaxspec.sampling import SamplingConfig, vocab_argmax
+from jaxspec.sampling import SamplingConfig
+from jaxspec.verify import target_rows
 
 
 def draft_need(valid_BxT: jax.Array) -> jax.Array:
@@ -31,11 +33,11 @@ def draft_need(valid_BxT: jax.Array) -> jax.Array:
   return jnp.max(last_B) + 1
 
 
-def _forward(method, model, attn_impl, greedy: bool, size: int, cache, tokens_BxT, positions_BxT):
-  """The forward over the first `size` tokens: logits, their argmax [B, T] (greedy; else None),
-  captures and the new tokens' K/V, all zero-padded back to T. The argmax is taken here, over
-  `size` rows: taken after the switch it ran over all T rows (1.3 ms at T=17 on a 49k vocabulary,
-  ~4% of a SmolLM2 step on this CPU; experiments/NOTES.md, session 14). The cache is only read:
+def _forward(method, model, attn_impl, sampling: SamplingConfig, size: int, cache, tokens_BxT, positions_BxT):
+  """The forward over the first `size` tokens: logits, their `TargetRows` (argmax or p), captures
+  and the new tokens' K/V, all zero-padded back to T. The target rows are computed here, over
+  `size` rows: after the switch the argmax ran over all T rows (1.3 ms at T=17 on a 49k vocabulary,
+  ~4% of a SmolLM2 step on this CPU), and p too (experiments/NOTES.md, session 14). The cache is only read:
   under `lax.switch`, XLA CPU updated a cache passed through the conditional in place in the first
   branch only and copied it in the others."""
   T = tokens_BxT.shape[1]
@@ -45,8 +47,8 @@ def _forward(method, model, attn_impl, greedy: bool, size: int, cache, tokens_Bx
   pad = lambda x: jnp.pad(x, [(0, 0), (0, T - size)] + [(0, 0)] * (x.ndim - 2))
   pad_slots = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, 0), (0, T - size), (0, 0)])
   new_kv = new_kv.replace(k=tuple(map(pad_slots, new_kv.k)), v=tuple(map(pad_slots, new_kv.v)))
-  argmax_BxT = pad(vocab_argmax(logits)) if greedy else None
-  return pad(logits), argmax_BxT, {i: pad(h) for i, h in hidden.items()}, new_kv
+  target = jax.tree.map(pad, target_rows(logits, sampling))
+  return pad(logits), target, {i: pad(h) for i, h in hidden.items()}, new_kv
 
 
 def speculative_step(method, model, mparams, state: DecodeState, sampling: SamplingConfig, eos_ids,
@@ -59,17 +61,17 @@ def speculative_step(method, model, mparams, state: DecodeState, sampling: Sampl
   positions_BxT = state.cache.lengths[:, None] + depth_T[None, :]
   sizes = method.forward_sizes
   operands = (state.cache, draft.tokens, positions_BxT)
-  forward = functools.partial(_forward, method, model, attn_impl, sampling.greedy)
+  forward = functools.partial(_forward, method, model, attn_impl, sampling)
   if len(sizes) == 1:
     size = jnp.asarray(sizes[0], jnp.int32)
-    logits_BxTxV, argmax_BxT, hidden, new_kv = forward(sizes[0], *operands)
+    logits_BxTxV, target, hidden, new_kv = forward(sizes[0], *operands)
   else:
     branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), draft_need(draft.valid)).astype(jnp.int32)
     size = jnp.asarray(sizes, jnp.int32)[branch]
     branches = [functools.partial(forward, n) for n in sizes]
-    logits_BxTxV, argmax_BxT, hidden, new_kv = jax.lax.switch(branch, branches, *operands)
+    logits_BxTxV, target, hidden, new_kv = jax.lax.switch(branch, branches, *operands)
   cache = write_new(state.cache, new_kv)  # T slots: those past the step's size hold zeros, never read
-  verdict = method.verify(draft, logits_BxTxV, sampling, k_ver, argmax_BxT)
+  verdict = method.verify(draft, logits_BxTxV, sampling, k_ver, target)
   st, n_B = append_tokens(state.replace(key=key), verdict.tokens, verdict.n, eos_ids)
   # K/V to keep: the accepted path (root first). A chain's path is its own prefix: nothing moves.
   # A verdict may keep fewer slots than it commits (LUD: tokens read off placeholders have no
