@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import chisquare
 
 from jaxspec.sampling import SamplingConfig
-from jaxspec.verify import Draft, TreeSpec, verify_greedy, verify_stochastic
+from jaxspec.verify import Draft, TargetRows, TreeSpec, target_rows, verify, verify_greedy, verify_stochastic
 
 V = 5
 N_SAMPLES = 40000
@@ -45,6 +45,31 @@ def test_greedy_picks_deepest_matching_path_and_bonus():
   # invalid node 4: only node 2 accepted, bonus = argmax at node 2
   v = verify_greedy(t, Draft(tokens=toks, valid=jnp.asarray([[True] * 4 + [False] * 2])), logits)
   assert int(v.n[0]) == 2 and v.tokens[0, :2].tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(0.8, top_k=4)])
+def test_step_target_rows_past_the_valid_nodes_are_never_read(sampling):
+  """The step hands the verifier the argmax / p it computed on the rows its forward ran; the rows
+  past them (invalid nodes) hold zeros. Same verdict as from the logits, whatever those rows hold."""
+  t = TreeSpec((-1, 0, 0, 1, 2, 4))
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((3, 6, 12)) * 3, jnp.float32)
+  toks = jnp.asarray(np.argmax(np.asarray(logits), -1)[:, [0, 0, 0, 1, 2, 4]])  # drafts the target likes
+  toks = toks.at[:, 0].set(7)
+  valid = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2, [True] + [False] * 5])
+  draft = Draft(tokens=toks, valid=valid)
+  want = verify(t, draft, logits, sampling, jax.random.key(3))
+  rows = target_rows(logits, sampling)
+  size_B = np.asarray([6, 4, 1])  # rows each batch row's forward ran (>= its last valid node + 1)
+  past_BxT = jnp.asarray(np.arange(6)[None, :] >= size_B[:, None])
+  garbage = lambda x: jnp.where(past_BxT.reshape(past_BxT.shape + (1,) * (x.ndim - 2)), x.dtype.type(5), x)
+  got = verify(t, draft, logits, sampling, jax.random.key(3), target=jax.tree.map(garbage, rows))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  assert int(want.n[0]) >= 2  # the path was exercised, not only the root
+  if sampling.greedy:  # a wrong argmax at a row the verifier reads changes the verdict
+    wrong = TargetRows(argmax_BxT=rows.argmax_BxT.at[0, 0].add(1))
+    assert int(verify(t, draft, logits, sampling, jax.random.key(3), target=wrong).n[0]) == 1
 
 
 def _target_tables(seed):
