@@ -173,6 +173,15 @@ def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array,
   return Verdict(path=path, n=n_B, tokens=tokens)
 
 
+def _remove_token(p_V, z, x, reject):
+  """(p, z) with token x's mass removed where `reject`: the residual after rejecting a
+  deterministic draft x (q one-hot at x: max(0, p - q) is p without x). p is kept unnormalised,
+  z is its mass: O(1) work, not a pass over the vocabulary per rejected child (a 17-node tree
+  paid depth x children such passes every step, drafting or not; experiments/NOTES.md, session 15)."""
+  px = p_V[x]
+  return p_V.at[x].set(jnp.where(reject, 0.0, px)), jnp.where(reject, z - px, z)
+
+
 def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
                       key: jax.Array, without_replacement: bool = False,
                       accept_rule: str = "exact", target: Optional[TargetRows] = None) -> Verdict:
@@ -182,7 +191,6 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
   tests can show the statistical test detects a wrong rule. `target`: the step's p, when it has it.
   """
   B, T = draft.tokens.shape[0], tree.size
-  V = logits_BxTxV.shape[-1]
   D = tree.max_depth
   children = jnp.asarray(tree.children)  # [T, C]
   C = children.shape[1]
@@ -191,7 +199,7 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
 
   def row(p_TxV, toks_T, valid_T, q_TxV, k):
     def level(carry, level_key):
-      u, alive, p, n_acc, acc_path = carry
+      u, alive, p, z, n_acc, acc_path = carry  # p: the current target, unnormalised (mass z)
       kids = children[u]  # [C]
       q = q_TxV[jnp.maximum(kids[0], 0)] if q_TxV is not None else None
       accepted_child = jnp.int32(-1)
@@ -201,18 +209,16 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
         usable = alive & (accepted_child < 0) & (c >= 0) & valid_T[jnp.maximum(c, 0)]
         x = toks_T[jnp.maximum(c, 0)]
         qx = q[x] if q is not None else 1.0
-        ratio = jnp.where(qx > 0, p[x] / jnp.where(qx > 0, qx, 1.0), 0.0)
+        ratio = jnp.where(qx > 0, p[x] / jnp.maximum(z, 1e-30) / jnp.where(qx > 0, qx, 1.0), 0.0)
         accept = usable & (jax.random.uniform(ks[j]) < ratio)
         reject = usable & ~accept
         accepted_child = jnp.where(accept, c, accepted_child)
-        # residual after rejecting x
-        q_vec = q if q is not None else jax.nn.one_hot(x, V, dtype=p.dtype)
-        if accept_rule == "exact":
-          resid = jnp.maximum(p - q_vec, 0.0)
-          resid = resid / jnp.maximum(resid.sum(), 1e-30)
-        else:  # deliberately wrong: ignores what the draft already covered
-          resid = p
-        p = jnp.where(reject, resid, p)
+        # residual after rejecting x ("naive": deliberately wrong, ignores what the draft covered)
+        if accept_rule == "exact" and q is None:  # a deterministic x: p without x
+          p, z = _remove_token(p, z, x, reject)
+        elif accept_rule == "exact":
+          resid = jnp.maximum(p / jnp.maximum(z, 1e-30) - q, 0.0)
+          p, z = jnp.where(reject, resid, p), jnp.where(reject, resid.sum(), z)
         if q is not None and without_replacement:
           q_new = q.at[x].set(0.0)
           q_new = q_new / jnp.maximum(q_new.sum(), 1e-30)
@@ -220,13 +226,14 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
       moved = accepted_child >= 0
       u_new = jnp.where(moved, accepted_child, u)
       p = jnp.where(moved, p_TxV[jnp.maximum(accepted_child, 0)], p)
+      z = jnp.where(moved, 1.0, z)
       acc_path = acc_path.at[n_acc + 1].set(jnp.where(moved, accepted_child, acc_path[n_acc + 1]))
       n_acc = n_acc + moved.astype(jnp.int32)
-      return (u_new, alive & moved, p, n_acc, acc_path), moved
+      return (u_new, alive & moved, p, z, n_acc, acc_path), moved
 
     k_levels, k_final = jax.random.split(k)
-    init = (jnp.int32(0), jnp.bool_(True), p_TxV[0], jnp.int32(0), jnp.zeros((D + 1,), jnp.int32))
-    (u, _, p, n_acc, acc_path), moved_D = jax.lax.scan(level, init, jax.random.split(k_levels, D))
+    init = (jnp.int32(0), jnp.bool_(True), p_TxV[0], jnp.float32(1.0), jnp.int32(0), jnp.zeros((D + 1,), jnp.int32))
+    (u, _, p, _, n_acc, acc_path), moved_D = jax.lax.scan(level, init, jax.random.split(k_levels, D))
     nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p, 0.0)))
     path_tokens = toks_T[acc_path]
     shifted = jnp.concatenate([path_tokens[1:], path_tokens[-1:]])
@@ -274,29 +281,28 @@ def verify_candidates_trie(nodes_GxK: np.ndarray, draft: Draft, logits_BxTxV, sa
 
     def level(carry, inp):
       d, lkey = inp
-      alive_G, p_V, n_acc, stopped, last_g = carry
+      alive_G, p_V, z, n_acc, stopped, last_g = carry  # p_V unnormalised, mass z
       us = jax.random.uniform(lkey, (G,))
       acc_g = jnp.int32(-1)
       for g in range(G):
         x = toks_GxK[g, d]
         usable = ~stopped & alive_G[g] & ok_GxK[g, d] & (acc_g < 0)
-        accept = usable & (us[g] < p_V[x])
+        accept = usable & (us[g] < p_V[x] / jnp.maximum(z, 1e-30))
         reject = usable & ~accept
         acc_g = jnp.where(accept, g, acc_g)
         if accept_rule == "exact":
-          resid = p_V.at[x].set(0.0)
-          p_V = jnp.where(reject, resid / jnp.maximum(resid.sum(), 1e-30), p_V)
+          p_V, z = _remove_token(p_V, z, x, reject)
       moved = acc_g >= 0
       g_acc = jnp.maximum(acc_g, 0)
       x_acc = toks_GxK[g_acc, d]
       alive_G = jnp.where(moved, alive_G & ok_GxK[:, d] & (toks_GxK[:, d] == x_acc), alive_G)
-      p_V = jnp.where(moved, p_TxV[nodes[g_acc, d]], p_V)
-      carry = (alive_G, p_V, n_acc + moved.astype(jnp.int32), stopped | ~moved, jnp.where(moved, acc_g, last_g))
+      p_V, z = jnp.where(moved, p_TxV[nodes[g_acc, d]], p_V), jnp.where(moved, 1.0, z)
+      carry = (alive_G, p_V, z, n_acc + moved.astype(jnp.int32), stopped | ~moved, jnp.where(moved, acc_g, last_g))
       return carry, moved
 
     k_levels, k_final = jax.random.split(k)
-    init = (jnp.ones((G,), bool), p_TxV[0], jnp.int32(0), jnp.bool_(False), jnp.int32(0))
-    (_, p_V, n_acc, _, last_g), moved_K = jax.lax.scan(
+    init = (jnp.ones((G,), bool), p_TxV[0], jnp.float32(1.0), jnp.int32(0), jnp.bool_(False), jnp.int32(0))
+    (_, p_V, _, n_acc, _, last_g), moved_K = jax.lax.scan(
         level, init, (jnp.arange(K), jax.random.split(k_levels, K)))
     nxt = jax.random.categorical(k_final, jnp.log(jnp.maximum(p_V, 0.0))).astype(jnp.int32)
     idx = jnp.arange(K + 1)

@@ -9,7 +9,7 @@ import jaxspec
 from conftest import make_tiny_bundle
 from jaxspec.methods import draft_sizing
 from jaxspec.methods.prompt_lookup import PromptLookup
-from jaxspec.methods.speculative import draft_need
+from jaxspec.methods.draft_sizing import draft_need
 from jaxspec.api import reset_method_memory
 from jaxspec.errors import InvalidOptionError
 
@@ -43,7 +43,7 @@ def best(stats, table, sizes, cost):
 
 def test_best_size_follows_cost_and_learned_acceptance():
   table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)  # chain of 4 drafts
-  sizes, stats = (1, 3, 5), draft_sizing.init_stats()
+  sizes, stats = (1, 3, 5), draft_sizing.init_stats(max_loss=None)  # the learned scale alone
   assert best(stats, table, sizes, (1.0, 1.0, 1.0)) == 5  # free tokens: draft all
   assert best(stats, table, sizes, (1.0, 3.0, 5.0)) == 1  # cost per token: no draft
   good = bad = stats
@@ -59,6 +59,59 @@ def test_best_size_follows_cost_and_learned_acceptance():
   for _ in range(300):
     bad = draft_sizing.observe(bad, table, jnp.asarray([1]), jnp.asarray([0]), one)
   assert best(bad, table, sizes, (1.0, 1.2, 1.4)) > 1
+
+
+def _simulate(stats, accept, steps=120, sizes=(1, 3, 5), cost=(1.0, 1.24, 1.5)):
+  """One row drafting a chain of 4 (prior 0.5 each) for `steps` steps, each draft accepted while
+  accept(step) says so; returns (forward time spent, tokens) after each step, prefill counted as
+  one forward for one token, and the sizes run."""
+  table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)
+  one, time, tokens, trace, ran = jnp.asarray([True]), 1.0, 1, [], []
+  for step in range(steps):
+    size = best(stats, table, sizes, cost)
+    valid = jnp.arange(5)[None, :] < size
+    accepted = size - 1 if accept(step) else 0
+    committed = jnp.asarray([accepted + 1])
+    stats = draft_sizing.observe(stats, table, jnp.asarray([size]), jnp.asarray([accepted]), one)
+    stats = draft_sizing.spend(stats, sizes, cost, valid, None, committed, one)
+    time, tokens = time + cost[sizes.index(size)], tokens + accepted + 1
+    trace.append((time, tokens))
+    ran.append(size)
+  return trace, ran
+
+
+def test_the_loss_bound_keeps_a_generation_whose_drafts_fail_within_max_loss_of_ar():
+  """Every draft rejected: unbounded, the prior's pull keeps drafting and the generation falls
+  behind AR by far more than 5%; bounded, it never does, yet it still tries a draft now and then."""
+  never = lambda step: False
+  free, free_sizes = _simulate(draft_sizing.init_stats(max_loss=None), never)
+  assert max(t / n for t, n in free) > 1.1 and sum(s > 1 for s in free_sizes) > 10
+  for loss in (0.05, 0.2):
+    bounded, sizes = _simulate(draft_sizing.init_stats(max_loss=loss), never)
+    assert all(t <= (1 + loss) * n + 1e-4 for t, n in bounded), loss
+    assert any(s > 1 for s in sizes), loss  # exploration is rationed, not stopped
+  _, none_at_all = _simulate(draft_sizing.init_stats(max_loss=0.0), never)
+  assert set(none_at_all) == {1}  # no loss allowed and nothing gained: never a draft
+
+
+def test_accepted_drafts_earn_room_to_draft_more():
+  """Drafts that are accepted put the generation ahead of AR: the bound stops binding, and a
+  bad spell afterwards is paid from what was gained."""
+  bound = lambda: draft_sizing.init_stats(max_loss=0.05)
+  _, sizes = _simulate(bound(), lambda step: True, steps=40)
+  assert sizes[:2] == [1, 1] and all(s == 5 for s in sizes[10:])  # the bound holds only at the start
+  trace, sizes = _simulate(bound(), lambda step: step < 30, steps=90)
+  assert all(t <= 1.05 * n + 1e-4 for t, n in trace)
+  assert sum(s > 1 for s in sizes[30:]) > sum(s > 1 for s in _simulate(bound(), lambda s: False, steps=60)[1])
+
+
+def test_the_loss_bound_is_per_row_and_checked():
+  table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.9] * 4)
+  stats = draft_sizing.init_stats(batch_size=2, max_loss=0.05).replace(ahead_B=jnp.asarray([0.05, 3.0]))
+  sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), (1.0, 1.24, 1.5), jnp.zeros((2,), jnp.int32))
+  assert sizes.tolist() == [1, 5]
+  with pytest.raises(InvalidOptionError, match="max_loss"):
+    draft_sizing.init_stats(max_loss=-0.1)
 
 
 @pytest.mark.parametrize("cost,expect", [((1.0, 1.0, 1.0), "drafts"), ((1.0, 50.0, 90.0), "never")])
@@ -105,7 +158,7 @@ def test_recycling_verifies_the_template_prefix_that_pays(tiny):
 
 def test_contexts_learn_apart_and_rows_pick_their_own_size():
   table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)
-  stats = draft_sizing.init_stats(contexts=2)
+  stats = draft_sizing.init_stats(contexts=2, max_loss=None)
   rows = jnp.asarray([True, True])
   for _ in range(30):  # context 1 (say, a long n-gram match) is always accepted, context 0 never
     stats = draft_sizing.observe(stats, table, jnp.asarray([5, 5]), jnp.asarray([0, 4]), rows, jnp.asarray([0, 1]))
@@ -117,7 +170,7 @@ def test_a_table_per_context_predicts_with_its_own_priors():
   chain = tuple(range(-1, 4))
   table = np.stack([draft_sizing.expected_table(chain, [0.0] + [0.3] * 4),  # context 0: drafts rarely hold
                     draft_sizing.expected_table(chain, [0.0] + [0.9] * 4)])  # context 1: they usually do
-  stats, cost = draft_sizing.init_stats(contexts=2), (1.0, 1.5, 1.8)
+  stats, cost = draft_sizing.init_stats(contexts=2, max_loss=None), (1.0, 1.5, 1.8)
   sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), cost, jnp.asarray([0, 1]))
   assert sizes.tolist() == [1, 5]
   # observations are scored against the row's own context's table
@@ -132,7 +185,7 @@ def test_a_cost_per_context_prices_drafting_work_apart():
   """Same acceptance, same forward sizes: the context whose drafting costs extra (a partial pass)
   drafts less."""
   table = draft_sizing.expected_table(tuple(range(-1, 4)), [0.0] + [0.5] * 4)
-  stats = draft_sizing.init_stats(contexts=2)
+  stats = draft_sizing.init_stats(contexts=2, max_loss=None)
   cost = ((1.0, 1.4, 1.7), (1.0, 1.9, 2.2))  # context 1 pays 0.5 of a forward more to draft
   sizes = draft_sizing.best_sizes(stats, table, (1, 3, 5), cost, jnp.asarray([0, 1]))
   assert sizes.tolist() == [3, 1]
@@ -187,7 +240,7 @@ def test_lookup_priors_grow_with_the_matched_ngram():
   # pld: one table per matched n; at the same cost a 3-gram match drafts deeper than a 1-gram one
   m = PromptLookup(k=5, cost=(1.0, 1.5, 1.8))
   assert m._table.shape == (4, 7, len(draft_sizing.SCALES))
-  sizes = draft_sizing.best_sizes(draft_sizing.init_stats(4), m._table, m.sizes, m.cost, jnp.asarray([0, 1, 3]))
+  sizes = draft_sizing.best_sizes(draft_sizing.init_stats(4, max_loss=None), m._table, m.sizes, m.cost, jnp.asarray([0, 1, 3]))
   assert sizes.tolist() == [1, 1, 6]
 
 
@@ -202,3 +255,35 @@ def test_recycling_grafts_lookup_only_from_min_ngram(tiny):
   reset_method_memory(tiny, "recycling")
   got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
   assert got.token_ids == want.token_ids
+
+
+def test_max_loss_is_an_option_of_every_sized_method(tiny):
+  from jaxspec.methods import get_method
+  for name in ("pld", "recycling", "hidden_transfer", "auto"):
+    with pytest.raises(InvalidOptionError, match="max_loss"):
+      get_method(name, max_loss=-0.5)
+  assert get_method("auto").max_loss == draft_sizing.MAX_LOSS  # auto's promise: never far behind AR
+  assert get_method("pld").max_loss is None and get_method("recycling").max_loss is None  # speed first
+  resolved = get_method("auto", max_loss=0.2).resolve(tiny)
+  assert resolved.max_loss == 0.2
+  state = resolved.init_method_state(tiny.config, 3, 256, tiny.dtype)
+  assert state.sizing.ahead_B.shape == (3,) and float(state.sizing.max_loss) == pytest.approx(0.2)
+  unbounded = get_method("pld", max_loss=None).init_method_state(tiny.config, 2, 256, tiny.dtype)
+  assert np.isinf(np.asarray(unbounded.ahead_B)).all()
+
+
+def test_recycling_memory_carries_the_matrix_but_not_the_loss_bound(tiny):
+  """The matrix persists across calls (and batch sizes); the loss bound starts afresh each call."""
+  from jaxspec.api import _prepare
+  from jaxspec.methods.token_recycling import TokenRecycling
+  m = TokenRecycling(template="small", cost=(1.0, 1.2, 1.4), max_loss=draft_sizing.MAX_LOSS)
+  reset_method_memory(tiny, "recycling")
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  one = jaxspec.generate(tiny, PROMPTS[:1], m, max_new_tokens=24)
+  assert one.token_ids == want.token_ids[:1]
+  memory = tiny.method_memory[m.memory_key]
+  assert float(memory.sizing.ahead_B[0]) != pytest.approx(draft_sizing.MAX_LOSS)  # the call moved it
+  _, _, _, _, state = _prepare(tiny, PROMPTS, m, 24, 0.0, 0, 1.0, 0, None, None, None)
+  np.testing.assert_array_equal(state.method_state.M_Vxk, memory.M_Vxk)
+  np.testing.assert_allclose(state.method_state.sizing.ahead_B, [draft_sizing.MAX_LOSS] * 3)
+  assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids

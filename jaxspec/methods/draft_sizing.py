@@ -16,6 +16,17 @@ the largest any row needs. `time` is the device's measured forward
 time relative to one token (`jaxspec.profiling.forward_time_curve`). PPD picks its tree the same
 way. The choice changes only how many nodes are verified, never which are accepted: outputs
 stay those of the verifier (lossless).
+
+A bound on the loss (`max_loss`; a conservative bandit, Wu et al. 2016): a row may run a size
+only if, were every draft rejected, its generation would still have spent at most
+(1 + max_loss) times the forwards AR needs for the tokens it has (`SizingStats.ahead_B`, in
+1-token forwards, from the measured `time`). A generation whose drafts keep failing, e.g. a
+short answer the sizing has not learned yet, falls at most max_loss behind AR in forward time;
+one whose drafts were accepted has earned room to explore. The price is a slower start: the
+first draft waits until the steps before it have earned its cost (experiments/NOTES.md,
+session 15: `auto` 1.14x AR with the bound, worst prompt 0.95x; 1.18x without, worst 0.88x).
+Crediting half a draft's expected acceptance before it is seen measured worse on both counts.
+The size 1 (no draft) is always allowed.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from jaxspec.errors import InvalidOptionError
 
 SCALES = np.linspace(0.1, 2.0, 39)  # the grid of acceptance scales g
 PRIOR_WEIGHT = 1.0  # pseudo-observations at g = 1 (not forgotten)
+MAX_LOSS = 0.05  # `auto`'s bound: at most 5% more forward time than AR (other methods: none by default)
 DECAY = 0.97  # per step: ~33 steps of memory
 MAX_ACCEPT = 0.97
 
@@ -53,13 +65,52 @@ def expected_table(parents, node_accept) -> np.ndarray:
   return np.concatenate([np.zeros((1, len(SCALES))), np.cumsum(reach.T, axis=0)]).astype(np.float32)
 
 
+def draft_need(valid_BxT: jax.Array) -> jax.Array:
+  """Scalar: forward tokens the batch's draft needs (last valid node of any row, plus one)."""
+  T = valid_BxT.shape[1]
+  last_B = jnp.max(jnp.where(valid_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], 0), axis=1)
+  return jnp.max(last_B) + 1
+
+
+def size_index(sizes: tuple[int, ...], valid_BxT: jax.Array) -> jax.Array:
+  """Scalar int32: index into `sizes` of the smallest forward size that holds the batch's draft."""
+  return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), draft_need(valid_BxT)).astype(jnp.int32)
+
+
 @struct.dataclass
 class SizingStats:
   err_CxG: jax.Array  # [contexts, G] float32: forgotten squared error of each scale's predictions
+  ahead_B: jax.Array  # [B] float32: (1 + max_loss) x tokens - forwards spent (inf: unbounded)
+  max_loss: jax.Array  # [] float32
 
 
-def init_stats(contexts: int = 1) -> SizingStats:
-  return SizingStats(err_CxG=jnp.zeros((contexts, len(SCALES)), jnp.float32))
+def check_max_loss(name: str, max_loss) -> None:
+  if max_loss is not None and not (isinstance(max_loss, (int, float)) and not isinstance(max_loss, bool)
+                                   and max_loss >= 0):
+    raise InvalidOptionError(f"{name}: max_loss must be >= 0 (a fraction of AR's time, e.g. 0.05) or None "
+                             f"(no bound), got {max_loss!r}")
+
+
+def init_stats(contexts: int = 1, batch_size: int = 1, max_loss: float | None = None) -> SizingStats:
+  """Fresh statistics for a generation; `max_loss` None: no bound. The prefill's token counts as
+  one forward."""
+  check_max_loss("init_stats", max_loss)
+  loss = np.float32(0.0 if max_loss is None else max_loss)
+  ahead = np.inf if max_loss is None else loss
+  return SizingStats(err_CxG=jnp.zeros((contexts, len(SCALES)), jnp.float32),
+                     ahead_B=jnp.full((batch_size,), ahead, jnp.float32), max_loss=jnp.asarray(loss))
+
+
+def spend(stats: SizingStats, sizes: tuple[int, ...], cost, valid_BxT, context_B, committed_B,
+          active_B) -> SizingStats:
+  """Fold one step's cost into the loss bound: every active row paid the step's forward size
+  (the one that held the batch's draft; `cost` as in `best_sizes`) and committed `committed_B`
+  tokens."""
+  cost_CxS = jnp.asarray(np.atleast_2d(np.asarray(cost, np.float32)))
+  context_B = jnp.zeros(valid_BxT.shape[:1], jnp.int32) if context_B is None else context_B
+  time_B = cost_CxS[jnp.minimum(context_B, cost_CxS.shape[0] - 1), size_index(sizes, valid_BxT)]
+  gained_B = (1.0 + stats.max_loss) * committed_B.astype(jnp.float32) - time_B
+  return stats.replace(ahead_B=stats.ahead_B + jnp.where(active_B, gained_B, 0.0))
 
 
 def _per_context(table) -> np.ndarray:
@@ -88,7 +139,7 @@ def observe(stats: SizingStats, table, verified_B, accepted_B, active_B, context
   table_CxTxG = _per_context(table)
   predicted_BxG = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B), verified_B]
   err_BxG = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
-  return SizingStats(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
+  return stats.replace(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
 
 
 def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost, context_B) -> jax.Array:
@@ -100,8 +151,12 @@ def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost, context_
   expected_BxS = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B)[:, None],
                                           jnp.asarray(sizes)[None, :], g_B[:, None]]
   cost_CxS = np.atleast_2d(np.asarray(cost, np.float32))
-  rate_BxS = (1.0 + expected_BxS) / jnp.asarray(cost_CxS)[jnp.minimum(context_B, cost_CxS.shape[0] - 1)]
-  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(rate_BxS, axis=1)]
+  cost_BxS = jnp.asarray(cost_CxS)[jnp.minimum(context_B, cost_CxS.shape[0] - 1)]
+  rate_BxS = (1.0 + expected_BxS) / cost_BxS
+  # the loss bound: sizes that, all drafts rejected, keep the row within (1 + max_loss) x AR
+  room_B = jnp.broadcast_to(stats.ahead_B, context_B.shape) + 1.0 + stats.max_loss
+  allowed_BxS = (cost_BxS <= room_B[:, None]) | (jnp.arange(len(sizes)) == 0)[None, :]
+  return jnp.asarray(sizes, jnp.int32)[jnp.argmax(jnp.where(allowed_BxS, rate_BxS, -jnp.inf), axis=1)]
 
 
 def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
@@ -114,7 +169,7 @@ def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
 class PrefixSizing:
   """Mixin for a tree drafter whose node list is ordered most probable first: `forward_sizes`
   are `prefix_sizes` of its tree (when `adaptive` and the tree has more than one draft), and
-  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `cost`, `tree` and
+  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `cost`, `max_loss`, `tree` and
   `node_prior()` (per node: acceptance given the parent was accepted, the root's unused), or
   `context_priors()` (one such list per draft context, `Draft.context` saying each row's)."""
 
@@ -157,4 +212,5 @@ class PrefixSizing:
     if not self.sized:
       return stats
     # a sized drafter's Draft.context is its rows' draft context ([B] int32) or None
-    return observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0, draft.context)
+    stats = observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0, draft.context)
+    return spend(stats, self.forward_sizes, self.step_cost, draft.valid, draft.context, n_B, n_B > 0)

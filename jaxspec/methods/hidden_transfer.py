@@ -187,6 +187,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   draft_vocab: bool = True
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured at resolve along with `cost`
+  max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
   # resolved from the heads' meta.json
   layer: int = 0
   k: int = 0
@@ -198,6 +199,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if not (self.nodes == "auto" or (isinstance(self.nodes, int) and self.nodes >= 1)):
       raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
     check_options("hidden_transfer", self.lookup, self.min_ngram, self.max_ngram)
+    draft_sizing.check_max_loss("hidden_transfer", self.max_loss)
     if not 0 <= self.recycle <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"hidden_transfer recycle must be in [0, {len(tree_templates.PRIOR_SLOT_ACCEPT)}], "
                                f"got {self.recycle!r}")
@@ -370,12 +372,12 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     return HTState(h_BxE=jnp.zeros((batch_size, config.embed_dim), jnp.float32),
                    has_h_B=jnp.zeros((batch_size,), bool),
-                   sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram)),
+                   sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram), batch_size, self.max_loss),
                    M_Vxk=jnp.zeros((config.vocab_size, self.recycle), jnp.int32),
                    seen_V=jnp.zeros((config.vocab_size,), bool))
 
   def method_state_axes(self, method_state):
-    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None)),
+    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None), ahead_B=(None,), max_loss=()),
                    M_Vxk=(None, None), seen_V=(None,))
 
   def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
@@ -448,6 +450,6 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     active = n_B > 0
     M_Vxk, seen_V = ms.M_Vxk, ms.seen_V
     if self.recycle:
-      M_Vxk, seen_V = recycle(M_Vxk, seen_V, draft, logits_BxTxV, self.tree.size)
+      M_Vxk, seen_V = recycle(M_Vxk, seen_V, draft, logits_BxTxV, self.forward_sizes)
     return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active,
                    sizing=self.observe_step(ms.sizing, draft, verdict, n_B), M_Vxk=M_Vxk, seen_V=seen_V)

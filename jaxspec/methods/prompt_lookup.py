@@ -84,7 +84,8 @@ class PromptLookup(Method):
   (forward sizes, 1 = pending token only), with the best expected tokens/s
   (jaxspec.methods.draft_sizing: acceptance learned during the generation, the device's
   measured forward times `cost`, resolved per model); a row with no match needs a 1-token
-  forward. `adaptive=False`: always the full k + 1 forward.
+  forward. `max_loss`: a draft runs only if, all rejected, the generation stays within 1 + max_loss
+  of AR's forward time (None: no bound). `adaptive=False`: always the full k + 1 forward.
   """
 
   k: int = 8
@@ -93,11 +94,13 @@ class PromptLookup(Method):
   adaptive: bool = True
   sizes: tuple[int, ...] | str | None = None  # forward sizes, e.g. (1, 3, 6) or "1/3/6"; None: from k
   cost: tuple[float, ...] | None = None  # forward time per size relative to one token; None: measured
+  max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
   name = "pld"
 
   def __post_init__(self):
     if self.k < 1 or not (1 <= self.min_ngram <= self.max_ngram):
       raise InvalidOptionError(f"pld needs k >= 1 and 1 <= min_ngram <= max_ngram, got {self}")
+    draft_sizing.check_max_loss("pld", self.max_loss)
     if self.sizes is None:
       sizes = draft_sizing.prefix_sizes(self.k + 1) if self.adaptive else (self.k + 1,)
     else:
@@ -134,7 +137,7 @@ class PromptLookup(Method):
                      for n in range(self.max_ngram + 1)])
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
-    return draft_sizing.init_stats(contexts=self.max_ngram + 1) if self._sized else ()  # context: matched n
+    return draft_sizing.init_stats(self.max_ngram + 1, batch_size, self.max_loss) if self._sized else ()  # context: matched n
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     cont, valid, ngram_B = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)
@@ -154,4 +157,5 @@ class PromptLookup(Method):
     if not self._sized:
       return method_state
     verified_B = draft.valid.sum(axis=1)
-    return draft_sizing.observe(method_state, self._table, verified_B, verdict.n - 1, n_B > 0, draft.context)
+    stats = draft_sizing.observe(method_state, self._table, verified_B, verdict.n - 1, n_B > 0, draft.context)
+    return draft_sizing.spend(stats, self.sizes, self.cost, draft.valid, draft.context, n_B, n_B > 0)

@@ -21,16 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decode_state import DecodeState, append_tokens, record_step
+from jaxspec.methods.draft_sizing import size_index
 from jaxspec.models.kv_cache import advance, commit, write_new
 from jaxspec.sampling import SamplingConfig
 from jaxspec.verify import target_rows
-
-
-def draft_need(valid_BxT: jax.Array) -> jax.Array:
-  """Scalar: forward tokens the batch's draft needs (last valid node of any row, plus one)."""
-  T = valid_BxT.shape[1]
-  last_B = jnp.max(jnp.where(valid_BxT, jnp.arange(T, dtype=jnp.int32)[None, :], 0), axis=1)
-  return jnp.max(last_B) + 1
 
 
 def _forward(method, model, attn_impl, sampling: SamplingConfig, size: int, cache, tokens_BxT, positions_BxT):
@@ -66,7 +60,7 @@ def speculative_step(method, model, mparams, state: DecodeState, sampling: Sampl
     size = jnp.asarray(sizes[0], jnp.int32)
     logits_BxTxV, target, hidden, new_kv = forward(sizes[0], *operands)
   else:
-    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), draft_need(draft.valid)).astype(jnp.int32)
+    branch = size_index(sizes, draft.valid)
     size = jnp.asarray(sizes, jnp.int32)[branch]
     branches = [functools.partial(forward, n) for n in sizes]
     logits_BxTxV, target, hidden, new_kv = jax.lax.switch(branch, branches, *operands)

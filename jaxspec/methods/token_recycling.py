@@ -22,7 +22,7 @@ nothing. Drafts stay deterministic: outputs are still AR's.
 from __future__ import annotations
 
 import dataclasses
-from functools import cached_property
+from functools import cached_property, partial
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
   max_ngram: int = 3  # with lookup: the longest n-gram matched
   min_ngram: int = 1  # with lookup: the shortest n-gram whose continuation replaces the main path
   cost: tuple[float, ...] | None = None  # forward time per prefix size relative to one token; None: measured
+  max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
   name = "recycling"
 
   @property
@@ -77,6 +78,12 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
       m = dataclasses.replace(m, cost=draft_sizing.measured_cost(bundle, m.forward_sizes))
     return m
 
+  def recall(self, mstate: RecyclingState, memory: RecyclingState) -> RecyclingState:
+    """The matrix and the learned acceptance carry over from earlier calls; the loss bound is
+    per generation and per row (the batch may differ), so it starts afresh."""
+    fresh = mstate.sizing
+    return memory.replace(sizing=memory.sizing.replace(ahead_B=fresh.ahead_B, max_loss=fresh.max_loss))
+
   def observe(self, bundle, mean_accepted: float, steps: int) -> None:
     """Record acceptance seen with this template (feeds template="auto"); not with a grafted
     chain, whose acceptance is not the template's."""
@@ -92,6 +99,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     if not 1 <= self.k <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"recycling k must be in [1, {len(tree_templates.PRIOR_SLOT_ACCEPT)}]")
     check_options("recycling", self.lookup, self.min_ngram, self.max_ngram)
+    draft_sizing.check_max_loss("recycling", self.max_loss)
 
   @cached_property
   def _template(self):
@@ -124,7 +132,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     contexts = num_contexts(self.lookup, self.max_ngram)
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
-                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts))
+                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts, batch_size, self.max_loss))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms: RecyclingState = state.method_state
@@ -141,19 +149,25 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     return Draft(tokens=toks, valid=valid, context=context_B), state.method_state
 
   def update(self, mstate: RecyclingState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
-    M_Vxk, seen_V = recycle(mstate.M_Vxk, mstate.seen_V, draft, logits_BxTxV, self.tree.size)
+    M_Vxk, seen_V = recycle(mstate.M_Vxk, mstate.seen_V, draft, logits_BxTxV, self.forward_sizes)
     return RecyclingState(M_Vxk=M_Vxk, seen_V=seen_V, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
 
 
-def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, T: int):
-  """(M, seen) after a verified step: M[token] <- top-k of the logits at every verified node
-  among the first T (nodes past the step's forward size were not computed: their rows stay)."""
+def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, sizes: tuple[int, ...]):
+  """(M, seen) after a verified step: M[token] <- top-k of the logits at every verified node.
+  `sizes`: the method's forward sizes, the last its tree's node count T. The top-k ranks only the
+  rows of the size the step ran (the smallest holding its valid nodes; 1 when it verified no
+  draft): rows past it were not computed, and their nodes are invalid, so their M rows stay.
+  At 17 rows of a 49k vocabulary the top-k is ~0.9 ms on this CPU (experiments/NOTES.md)."""
   V, k = M_Vxk.shape
-  B = logits_BxTxV.shape[0]
-  top = lambda n: jax.lax.top_k(logits_BxTxV[:, :n], k)[1].astype(jnp.int32)  # [B, n, k]
-  # a step that verified no draft computed the root's logits alone: rank only those
-  root_only = lambda: jnp.concatenate([top(1), jnp.zeros((B, T - 1, k), jnp.int32)], axis=1)
-  top_BxTxk = top(T) if T == 1 else jax.lax.cond(jnp.any(draft.valid[:, 1:T]), lambda: top(T), root_only)
+  B, T = logits_BxTxV.shape[0], sizes[-1]
+
+  def top(n):  # [B, T, k]: the first n rows ranked, zeros after
+    return jnp.pad(jax.lax.top_k(logits_BxTxV[:, :n], k)[1].astype(jnp.int32), [(0, 0), (0, T - n), (0, 0)])
+
+  sizes = tuple(sorted({1, *sizes}))
+  branch = draft_sizing.size_index(sizes, draft.valid[:, :T])
+  top_BxTxk = top(T) if T == 1 else jax.lax.switch(branch, [partial(top, n) for n in sizes])
   rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
   M_Vxk = M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, k), mode="drop")
   return M_Vxk, seen_V.at[rows.reshape(-1)].set(True, mode="drop")
