@@ -287,3 +287,18 @@ def test_recycling_memory_carries_the_matrix_but_not_the_loss_bound(tiny):
   np.testing.assert_array_equal(state.method_state.M_Vxk, memory.M_Vxk)
   np.testing.assert_allclose(state.method_state.sizing.ahead_B, [draft_sizing.MAX_LOSS] * 3)
   assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids
+
+
+def test_tree_drafters_take_explicit_forward_sizes(tiny):
+  from jaxspec.methods.token_recycling import TokenRecycling
+  m = TokenRecycling(template="small", sizes="1/2/5/9", cost=(1.0, 1.0, 1.0, 1.0))
+  assert m.forward_sizes == (1, 2, 5, 9) and m == TokenRecycling(template="small", sizes=(9, 5, 2, 1), cost=m.cost)
+  assert TokenRecycling(template="small", adaptive=False, sizes="1/2/9").forward_sizes == (9,)
+  with pytest.raises(InvalidOptionError, match="end at the tree's 9 nodes"):
+    TokenRecycling(template="small", sizes="1/4").forward_sizes
+  with pytest.raises(InvalidOptionError, match="1/3/6"):
+    TokenRecycling(template="small", sizes="1,2")
+  reset_method_memory(tiny, "recycling")
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  got = jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24)
+  assert got.token_ids == want.token_ids and got.stats.tokens_per_forward > 1.0

@@ -52,6 +52,16 @@ def prefix_sizes(num_nodes: int, want: int = 3) -> tuple[int, ...]:
   return tuple(sorted({int(round(1 + (num_nodes - 1) * i / (want - 1))) for i in range(want)}))
 
 
+def parse_sizes(sizes) -> tuple[int, ...]:
+  """(1, 3, 6) or "1/3/6" -> (1, 3, 6)."""
+  if isinstance(sizes, str):
+    try:
+      sizes = [int(x) for x in sizes.split("/")]
+    except ValueError:
+      raise InvalidOptionError(f"sizes must look like 1/3/6, got {sizes!r}") from None
+  return tuple(int(x) for x in (sizes if isinstance(sizes, (tuple, list)) else (sizes,)))
+
+
 def expected_table(parents, node_accept) -> np.ndarray:
   """[T + 1, G] E_n(g): expected accepted drafts verifying the first n nodes (n = 0..T; n <= 1:
   none) when node i is accepted with probability min(MAX_ACCEPT, g * node_accept[i]) given its
@@ -169,9 +179,14 @@ def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
 class PrefixSizing:
   """Mixin for a tree drafter whose node list is ordered most probable first: `forward_sizes`
   are `prefix_sizes` of its tree (when `adaptive` and the tree has more than one draft), and
-  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `cost`, `max_loss`, `tree` and
+  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `sizes`, `cost`, `max_loss`, `tree` and
   `node_prior()` (per node: acceptance given the parent was accepted, the root's unused), or
   `context_priors()` (one such list per draft context, `Draft.context` saying each row's)."""
+
+  def _normalise_sizes(self) -> None:
+    """`sizes` as a sorted tuple (hashable, and "1/2/4" equals (1, 2, 4)); call from __post_init__."""
+    if self.sizes is not None:
+      object.__setattr__(self, "sizes", tuple(sorted(set(parse_sizes(self.sizes)))))
 
   @property
   def sized(self) -> bool:
@@ -179,7 +194,16 @@ class PrefixSizing:
 
   @property
   def forward_sizes(self) -> tuple[int, ...]:
-    return prefix_sizes(self.tree.size) if self.sized else (self.tree.size,)
+    """`sizes` when given (e.g. "1/2/4/7"), else `prefix_sizes` of the tree; its size when not sized."""
+    if not self.sized:
+      return (self.tree.size,)
+    if self.sizes is None:
+      return prefix_sizes(self.tree.size)
+    sizes = self.sizes
+    if sizes[0] != 1 or sizes[-1] != self.tree.size:
+      raise InvalidOptionError(f"{self.name} sizes must start at 1 (no draft) and end at the tree's "
+                               f"{self.tree.size} nodes, got {self.sizes!r}")
+    return sizes
 
   def context_priors(self) -> list[list[float]]:
     return [self.node_prior()]

@@ -185,6 +185,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
   root_recycle: int = 2  # with recycle: depth-1 candidates from the pending token's matrix row
   draft_vocab: bool = True
+  sizes: tuple[int, ...] | str | None = None  # adaptive: forward sizes, e.g. "1/4/9/14"; None: prefix_sizes
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured at resolve along with `cost`
   max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
@@ -200,6 +201,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
       raise InvalidOptionError(f"hidden_transfer nodes must be a positive count or 'auto', got {self.nodes!r}")
     check_options("hidden_transfer", self.lookup, self.min_ngram, self.max_ngram)
     draft_sizing.check_max_loss("hidden_transfer", self.max_loss)
+    self._normalise_sizes()
     if not 0 <= self.recycle <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"hidden_transfer recycle must be in [0, {len(tree_templates.PRIOR_SLOT_ACCEPT)}], "
                                f"got {self.recycle!r}")

@@ -45,16 +45,6 @@ def lookup_continuation(tokens_BxN, num_B, k: int, max_ngram: int, min_ngram: in
   return draft.astype(jnp.int32), valid, best_n
 
 
-def parse_sizes(sizes) -> tuple[int, ...]:
-  """(1, 3, 6) or "1/3/6" -> (1, 3, 6)."""
-  if isinstance(sizes, str):
-    try:
-      sizes = [int(x) for x in sizes.split("/")]
-    except ValueError:
-      raise InvalidOptionError(f"sizes must look like 1/3/6, got {sizes!r}") from None
-  return tuple(int(x) for x in (sizes if isinstance(sizes, (tuple, list)) else (sizes,)))
-
-
 # Before any draft is seen: P(depth d accepted | depth d - 1 accepted) for a continuation found by
 # matching the last n tokens, d = 1..8 (deeper: the last value; n > 3: n = 3's). Measured from
 # greedy text alone on the distillation prompts, never the bench's (experiments/lookup_accept.py,
@@ -104,7 +94,7 @@ class PromptLookup(Method):
     if self.sizes is None:
       sizes = draft_sizing.prefix_sizes(self.k + 1) if self.adaptive else (self.k + 1,)
     else:
-      sizes = parse_sizes(self.sizes)
+      sizes = draft_sizing.parse_sizes(self.sizes)
     sizes = tuple(sorted(set(sizes)))
     if sizes[-1] != self.k + 1 or sizes[0] < 1:
       raise InvalidOptionError(f"pld sizes must lie in [1, k + 1] and end at k + 1 = {self.k + 1}, got {sizes}")

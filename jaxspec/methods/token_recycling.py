@@ -58,6 +58,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
   lookup: int = 0
   max_ngram: int = 3  # with lookup: the longest n-gram matched
   min_ngram: int = 1  # with lookup: the shortest n-gram whose continuation replaces the main path
+  sizes: tuple[int, ...] | str | None = None  # adaptive: forward sizes, e.g. "1/2/4/7"; None: prefix_sizes
   cost: tuple[float, ...] | None = None  # forward time per prefix size relative to one token; None: measured
   max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
   name = "recycling"
@@ -100,6 +101,7 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
       raise InvalidOptionError(f"recycling k must be in [1, {len(tree_templates.PRIOR_SLOT_ACCEPT)}]")
     check_options("recycling", self.lookup, self.min_ngram, self.max_ngram)
     draft_sizing.check_max_loss("recycling", self.max_loss)
+    self._normalise_sizes()
 
   @cached_property
   def _template(self):
