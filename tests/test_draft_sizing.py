@@ -240,7 +240,8 @@ def test_lookup_priors_grow_with_the_matched_ngram():
   # pld: one table per matched n; at the same cost a 3-gram match drafts deeper than a 1-gram one
   m = PromptLookup(k=5, cost=(1.0, 1.5, 1.8))
   assert m._table.shape == (4, 7, len(draft_sizing.SCALES))
-  sizes = draft_sizing.best_sizes(draft_sizing.init_stats(4, max_loss=None), m._table, m.sizes, m.cost, jnp.asarray([0, 1, 3]))
+  stats = draft_sizing.init_stats(4, max_loss=None)
+  sizes = draft_sizing.best_sizes(stats, m._table, m.sizes, m.cost, jnp.asarray([0, 1, 3]))
   assert sizes.tolist() == [1, 1, 6]
 
 

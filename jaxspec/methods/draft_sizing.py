@@ -178,10 +178,11 @@ def measured_cost(bundle, sizes: tuple[int, ...]) -> tuple[float, ...]:
 
 class PrefixSizing:
   """Mixin for a tree drafter whose node list is ordered most probable first: `forward_sizes`
-  are `prefix_sizes` of its tree (when `adaptive` and the tree has more than one draft), and
-  `limit`/`observe` apply the learned choice. The class provides `adaptive`, `sizes`, `cost`, `max_loss`, `tree` and
-  `node_prior()` (per node: acceptance given the parent was accepted, the root's unused), or
-  `context_priors()` (one such list per draft context, `Draft.context` saying each row's)."""
+  are `sizes` or `prefix_sizes` of its tree (when `adaptive` and the tree has more than one
+  draft), and `limit`/`observe` apply the learned choice within the loss bound. The class
+  provides `adaptive`, `sizes`, `cost`, `max_loss`, `tree` and `node_prior()` (per node:
+  acceptance given the parent was accepted, the root's unused), or `context_priors()` (one such
+  list per draft context, `Draft.context` saying each row's)."""
 
   def _normalise_sizes(self) -> None:
     """`sizes` as a sorted tuple (hashable, and "1/2/4" equals (1, 2, 4)); call from __post_init__."""

@@ -379,8 +379,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
                    seen_V=jnp.zeros((config.vocab_size,), bool))
 
   def method_state_axes(self, method_state):
-    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=draft_sizing.SizingStats(err_CxG=(None, None), ahead_B=(None,), max_loss=()),
-                   M_Vxk=(None, None), seen_V=(None,))
+    sizing = draft_sizing.SizingStats(err_CxG=(None, None), ahead_B=(None,), max_loss=())
+    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=sizing, M_Vxk=(None, None), seen_V=(None,))
 
   def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """The first anchor: the last prompt token's layer-t residual, from the prompt's own forward."""

@@ -127,7 +127,9 @@ class PromptLookup(Method):
                      for n in range(self.max_ngram + 1)])
 
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
-    return draft_sizing.init_stats(self.max_ngram + 1, batch_size, self.max_loss) if self._sized else ()  # context: matched n
+    if not self._sized:
+      return ()
+    return draft_sizing.init_stats(self.max_ngram + 1, batch_size, self.max_loss)  # context: matched n
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     cont, valid, ngram_B = lookup_continuation(state.tokens, state.num_tokens, self.k, self.max_ngram, self.min_ngram)

@@ -134,7 +134,8 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
   def init_method_state(self, config, batch_size: int, num_slots: int, dtype, mparams=None):
     contexts = num_contexts(self.lookup, self.max_ngram)
     return RecyclingState(M_Vxk=jnp.zeros((config.vocab_size, self.k), jnp.int32),
-                          seen_V=jnp.zeros((config.vocab_size,), bool), sizing=draft_sizing.init_stats(contexts, batch_size, self.max_loss))
+                          seen_V=jnp.zeros((config.vocab_size,), bool),
+                          sizing=draft_sizing.init_stats(contexts, batch_size, self.max_loss))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
     ms: RecyclingState = state.method_state
