@@ -1,8 +1,10 @@
 """Shared verification: which drafted tokens to accept, and the next token.
 
-A draft is a tree of T nodes whose structure (parents, depth) is static per method config.
-Node 0 is the root: the row's pending token, already committed. Node i > 0 proposes
-`tokens[b, i]` as the token after its parent. The target forward gives, at every node i, the
+A draft is a tree of T nodes whose structure (parents, depth) is static per method config
+(`TreeSpec`), or chosen per row each step (`Draft.parents`, with static bounds in a
+`DynamicTree`: a drafter that grows its tree by draft confidence, EAGLE-2 / DySpec). Node 0 is
+the root: the row's pending token, already committed. Node i > 0 proposes `tokens[b, i]` as the
+token after its parent. The target forward gives, at every node i, the
 distribution of the token that follows node i (`logits[b, i]`).
 
 * Greedy (`sampling.greedy`): accept the deepest root-to-node path whose every token equals the
@@ -93,6 +95,8 @@ class Draft:
   valid: jax.Array  # [B, T] bool; invalid nodes are never accepted (ragged drafts)
   q_probs: Optional[jax.Array] = None  # [B, T, V] distribution node i was drawn from; None = deterministic
   context: Any = None  # what the proposer's own verify/update read from propose time (pld: [B] n-gram length)
+  parents: Optional[jax.Array] = None  # [B, T] int32: each row's own tree this step (DynamicTree); None: static
+  accept: Optional[jax.Array] = None  # [B, T] float32: with `parents`, each node's confidence given its parent's
 
 
 @struct.dataclass
@@ -127,17 +131,60 @@ def _target_probs(logits_BxTxV, T: int, sampling: SamplingConfig, target: Option
   return jnp.exp(target_logprobs(logits_BxTxV[:, :T], sampling))
 
 
-def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+  """A draft tree each row chooses per step (`Draft.parents`): only its bounds are static
+  (hashable, jit-static). Node 0 is the root; a row's parents[i] < i."""
+
+  size: int
+  max_depth: int
+  max_children: int
+
+  @property
+  def is_chain(self) -> bool:
+    return False
+
+
+def tree_structure(parents_BxT: jax.Array, max_depth: int) -> tuple[jax.Array, jax.Array]:
+  """(depth [B, T] int32, ancestor-or-self mask [B, T, T]) of per-row trees (parents[:, 0] is
+  ignored: node 0 is the root)."""
+  B, T = parents_BxT.shape
+  parents = jnp.maximum(parents_BxT, 0).astype(jnp.int32)
+  not_root = jnp.arange(T)[None, :] > 0
+  depth = jnp.zeros((B, T), jnp.int32)
+  mask = jnp.broadcast_to(jnp.eye(T, dtype=bool), (B, T, T))
+  for _ in range(max_depth):  # a fixed point after max_depth rounds (parents come first)
+    depth = jnp.where(not_root, jnp.take_along_axis(depth, parents, axis=1) + 1, 0)
+    from_parent = jnp.take_along_axis(mask, parents[:, :, None], axis=1) & not_root[:, :, None]
+    mask = jnp.eye(T, dtype=bool)[None] | from_parent
+  return depth, mask
+
+
+def _structure(tree, draft: Draft):
+  """(parents [B, T], depth [B, T], children [B, T, C], max depth): the draft's own tree when it
+  carries one (`Draft.parents`, bounds from a `DynamicTree`), else the static tree's."""
+  B, T = draft.tokens.shape[0], tree.size
+  if draft.parents is None:
+    bcast = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32), (B,) + np.shape(a))
+    return (bcast(np.maximum(np.asarray(tree.parents), 0)), bcast(tree.depth), bcast(tree.children),
+            tree.max_depth)
+  parents = jnp.maximum(draft.parents[:, :T], 0).astype(jnp.int32)
+  depth, _ = tree_structure(parents, tree.max_depth)
+  idx = jnp.arange(T, dtype=jnp.int32)
+  is_child_BxUxI = (parents[:, None, :] == idx[None, :, None]) & (idx > 0)[None, None, :]
+  order = jnp.argsort(jnp.where(is_child_BxUxI, idx, T + idx), axis=2)[:, :, : tree.max_children]
+  children = jnp.where(jnp.take_along_axis(is_child_BxUxI, order, axis=2), order, -1).astype(jnp.int32)
+  return parents, depth, children, tree.max_depth
+
+
+def _ancestors_path(parents_BxT: jax.Array, depth_BxT: jax.Array, D: int, last_B: jax.Array) -> jax.Array:
   """[B, D+1] path root..last (padded by repeating last)."""
-  parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
-  depth = jnp.asarray(tree.depth)
-  D = tree.max_depth
   # Walk up from `last`: node at depth d along the path.
   nodes = [last_B]
   for _ in range(D):
-    nodes.append(parents[nodes[-1]])
+    nodes.append(jnp.take_along_axis(parents_BxT, nodes[-1][:, None], axis=1)[:, 0])
   up_BxD1 = jnp.stack(nodes, axis=1)  # up[b, j] = j-th ancestor of last
-  d_B = depth[last_B]
+  d_B = jnp.take_along_axis(depth_BxT, last_B[:, None], axis=1)[:, 0]
   j_D1 = jnp.arange(D + 1)
   # path[b, i] = ancestor at depth i = up[b, d - i] for i <= d
   idx_BxD1 = jnp.clip(d_B[:, None] - j_D1[None, :], 0, D)
@@ -145,25 +192,25 @@ def _ancestors_path(tree: TreeSpec, last_B: jax.Array) -> jax.Array:
   return jnp.where(j_D1[None, :] <= d_B[:, None], path, last_B[:, None])
 
 
-def verify_greedy(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array,
+def verify_greedy(tree, draft: Draft, logits_BxTxV: jax.Array,
                   target: Optional[TargetRows] = None) -> Verdict:
   """Deepest path of argmax matches, plus the argmax bonus. Ties: the lowest node id.
-  `target`: the step's argmax, when it has it (read at valid nodes only)."""
+  `target`: the step's argmax, when it has it (read at valid nodes only). `tree`: a TreeSpec, or
+  a DynamicTree when the draft carries its own parents."""
   T = tree.size
   have = target is not None and target.argmax_BxT is not None
   argmax_BxT = target.argmax_BxT[:, :T] if have else vocab_argmax(logits_BxTxV[:, :T])
-  parents = jnp.asarray(np.maximum(np.asarray(tree.parents), 0), jnp.int32)
-  match_BxT = (draft.tokens[:, :T] == argmax_BxT[:, parents]) & draft.valid[:, :T]
+  parents, depth, _, D = _structure(tree, draft)
+  at_parent = lambda x_BxT: jnp.take_along_axis(x_BxT, parents, axis=1)
+  match_BxT = (draft.tokens[:, :T] == at_parent(argmax_BxT)) & draft.valid[:, :T]
   match_BxT = match_BxT.at[:, 0].set(True)
   ok = match_BxT
-  for _ in range(tree.max_depth):
-    ok = ok & ok[:, parents]
-  depth = jnp.asarray(tree.depth)
-  score_BxT = jnp.where(ok, depth[None, :], -1)
+  for _ in range(D):
+    ok = ok & at_parent(ok)
+  score_BxT = jnp.where(ok, depth, -1)
   last_B = jnp.argmax(score_BxT, axis=1).astype(jnp.int32)
-  path = _ancestors_path(tree, last_B)
-  n_B = depth[last_B] + 1
-  D = tree.max_depth
+  path = _ancestors_path(parents, depth, D, last_B)
+  n_B = jnp.take_along_axis(depth, last_B[:, None], axis=1)[:, 0] + 1
   path_tokens = jnp.take_along_axis(draft.tokens, path, axis=1)  # [B, D+1]
   bonus_B = jnp.take_along_axis(argmax_BxT, last_B[:, None], axis=1)[:, 0]
   # committed tokens: path tokens 1..n-1 then the bonus at index n-1
@@ -182,7 +229,7 @@ def _remove_token(p_V, z, x, reject):
   return p_V.at[x].set(jnp.where(reject, 0.0, px)), jnp.where(reject, z - px, z)
 
 
-def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
+def verify_stochastic(tree, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig,
                       key: jax.Array, without_replacement: bool = False,
                       accept_rule: str = "exact", target: Optional[TargetRows] = None) -> Verdict:
   """Recursive rejection sampling over the tree (see module doc). Lossless for accept_rule="exact".
@@ -191,13 +238,12 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
   tests can show the statistical test detects a wrong rule. `target`: the step's p, when it has it.
   """
   B, T = draft.tokens.shape[0], tree.size
-  D = tree.max_depth
-  children = jnp.asarray(tree.children)  # [T, C]
-  C = children.shape[1]
+  _, _, children_BxTxC, D = _structure(tree, draft)
+  C = children_BxTxC.shape[2]
   p_all_BxTxV = _target_probs(logits_BxTxV, T, sampling, target)
   keys = jax.random.split(key, B)
 
-  def row(p_TxV, toks_T, valid_T, q_TxV, k):
+  def row(p_TxV, toks_T, valid_T, children, q_TxV, k):
     def level(carry, level_key):
       u, alive, p, z, n_acc, acc_path = carry  # p: the current target, unnormalised (mass z)
       kids = children[u]  # [C]
@@ -242,14 +288,15 @@ def verify_stochastic(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sam
     path = jnp.where(idx <= n_acc, acc_path, u)
     return path, n_acc + 1, tokens, moved_D
 
-  path, n, tokens, moved = jax.vmap(row)(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T],
-                                          None if draft.q_probs is None else draft.q_probs[:, :T], keys) \
-      if draft.q_probs is not None else \
-      jax.vmap(lambda p, t, v, k: row(p, t, v, None, k))(p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], keys)
+  args = (p_all_BxTxV, draft.tokens[:, :T], draft.valid[:, :T], children_BxTxC)
+  if draft.q_probs is not None:
+    path, n, tokens, moved = jax.vmap(row)(*args, draft.q_probs[:, :T], keys)
+  else:
+    path, n, tokens, moved = jax.vmap(lambda p, t, v, c, k: row(p, t, v, c, None, k))(*args, keys)
   return Verdict(path=path, n=n, tokens=tokens)
 
 
-def verify(tree: TreeSpec, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,
+def verify(tree, draft: Draft, logits_BxTxV: jax.Array, sampling: SamplingConfig, key: jax.Array,
            without_replacement: bool = False, target: Optional[TargetRows] = None) -> Verdict:
   """Greedy or lossless stochastic verification, by `sampling`. `target`: what the step already
   computed from the logits (`TargetRows`; None: computed here from all rows)."""

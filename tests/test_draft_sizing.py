@@ -37,6 +37,21 @@ def test_prefix_sizes_and_expected_table():
   assert np.all(np.diff(table[-1]) >= 0)  # a larger scale never predicts fewer accepted tokens
 
 
+def test_row_tables_are_each_rows_expected_table():
+  """Trees chosen per step (one per row, with per-node confidence) get the table their static tree
+  would: the sizing then reads each row's own."""
+  trees = [((-1, 0, 0, 1), [0.0, 0.5, 0.2, 0.5]), ((-1, 0, 1, 2), [0.0, 0.9, 0.8, 0.1])]
+  got = draft_sizing.row_tables(jnp.asarray([p for p, _ in trees], jnp.int32),
+                                jnp.asarray([a for _, a in trees], jnp.float32), max_depth=3)
+  for b, (parents, accept) in enumerate(trees):
+    np.testing.assert_allclose(got.E_BxTxG[b], draft_sizing.expected_table(parents, accept), rtol=1e-5, atol=1e-6)
+  stats = draft_sizing.init_stats(1, 2)
+  # tokens per forward time by size 1..4: row 0 1, 1.5/1.2, 1.7/1.4, 1.95/1.9; row 1 (the confident
+  # chain) 1, 1.9/1.2, 2.62/1.4, 2.69/1.9
+  sizes = draft_sizing.best_sizes(stats, got, (1, 2, 3, 4), (1.0, 1.2, 1.4, 1.9), jnp.zeros((2,), jnp.int32))
+  assert sizes.tolist() == [2, 3]
+
+
 def best(stats, table, sizes, cost):
   return int(draft_sizing.best_sizes(stats, table, sizes, cost, jnp.zeros((1,), jnp.int32))[0])
 

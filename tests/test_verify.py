@@ -16,7 +16,8 @@ import pytest
 from scipy.stats import chisquare
 
 from jaxspec.sampling import SamplingConfig
-from jaxspec.verify import Draft, TargetRows, TreeSpec, target_rows, verify, verify_greedy, verify_stochastic
+from jaxspec.verify import (Draft, DynamicTree, TargetRows, TreeSpec, target_rows, tree_structure, verify,
+                           verify_greedy, verify_stochastic)
 
 V = 5
 N_SAMPLES = 40000
@@ -142,3 +143,55 @@ def test_stochastic_verification_is_exact(kind, width):
 def test_wrong_rule_is_detected(kind):
   counts, expected = _run(kind, "naive", 2)
   assert _pvalue(counts, expected) < 1e-6
+
+
+def _random_tree(rng, T):
+  return TreeSpec(tuple([-1] + [int(rng.integers(0, i)) for i in range(1, T)]))
+
+
+def test_tree_structure_of_per_row_trees_matches_the_static_trees():
+  rng = np.random.default_rng(4)
+  trees = [_random_tree(rng, 9) for _ in range(3)]
+  parents = jnp.asarray([t.parents for t in trees], jnp.int32)
+  depth, mask = tree_structure(parents, max(t.max_depth for t in trees))
+  for b, t in enumerate(trees):
+    np.testing.assert_array_equal(depth[b], t.depth)
+    np.testing.assert_array_equal(mask[b], t.mask)
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(0.8, top_k=4)])
+def test_per_row_trees_verify_as_their_static_trees(sampling):
+  """A draft carrying its own trees (`Draft.parents`, bounds in a DynamicTree) gets, row by row,
+  the verdict of its row's tree given as a static TreeSpec (same key, same rows)."""
+  rng = np.random.default_rng(5)
+  B, T, Vt = 4, 8, 6
+  # four shapes with the same bounds (depth 3, 3 children): the stochastic verifier's random draws
+  # depend on the bounds, so the static and per-row runs draw alike only when they agree
+  trees = [TreeSpec(p) for p in ((-1, 0, 0, 0, 1, 1, 4, 2), (-1, 0, 1, 2, 0, 0, 1, 4), (-1, 0, 0, 1, 1, 1, 3, 2),
+                                 (-1, 0, 1, 1, 1, 2, 0, 6))]
+  assert {(t.max_depth, t.children.shape[1]) for t in trees} == {(3, 3)}
+  logits = jnp.asarray(rng.standard_normal((B, T, Vt)) * 3, jnp.float32)
+  am = np.argmax(np.asarray(logits), -1)
+  # drafts the target mostly likes, so deep paths are accepted; some nodes invalid
+  toks = np.stack([am[b][np.maximum(np.asarray(trees[b].parents), 0)] for b in range(B)])
+  toks[:, 3] = (toks[:, 3] + 1) % Vt
+  toks[:, 0] = 0
+  valid = np.ones((B, T), bool)
+  valid[1, 5:] = False
+  bounds = DynamicTree(size=T, max_depth=max(t.max_depth for t in trees),
+                       max_children=max(t.children.shape[1] for t in trees))
+  parents = jnp.asarray([t.parents for t in trees], jnp.int32)
+  got = verify(bounds, Draft(tokens=jnp.asarray(toks), valid=jnp.asarray(valid), parents=parents), logits,
+               sampling, jax.random.key(1))
+  deepest = 0
+  for b, t in enumerate(trees):
+    # row b's tree as a static TreeSpec, over a batch of B copies of row b: the verifier splits
+    # its key per row, so row b of that batch draws what row b of the dynamic batch drew
+    rep = lambda x: jnp.broadcast_to(jnp.asarray(x)[b:b + 1], (B,) + jnp.asarray(x).shape[1:])
+    want = verify(t, Draft(tokens=rep(toks), valid=rep(valid)), rep(logits), sampling, jax.random.key(1))
+    n = int(want.n[b])
+    deepest = max(deepest, n)
+    assert int(got.n[b]) == n
+    np.testing.assert_array_equal(got.tokens[b, :n], want.tokens[b, :n])
+    np.testing.assert_array_equal(got.path[b, :n], want.path[b, :n])
+  assert deepest >= 3  # deep paths were exercised

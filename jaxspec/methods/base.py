@@ -57,7 +57,8 @@ class Method:
 
   @property
   def tree(self) -> TreeSpec:
-    """The verified draft tree; the default is the empty draft (AR)."""
+    """The verified draft tree; the default is the empty draft (AR). A method whose rows choose
+    their tree each step (`Draft.parents`) returns its bounds, a `jaxspec.verify.DynamicTree`."""
     return TreeSpec.chain(0)
 
   @property

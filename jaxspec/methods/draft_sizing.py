@@ -129,37 +129,64 @@ def _per_context(table) -> np.ndarray:
   return table[None] if table.ndim == 2 else table
 
 
-def _context_rows(table_CxTxG, context_B) -> jax.Array:
-  """[B] each row's table index (a shared table: 0)."""
-  return jnp.minimum(context_B, table_CxTxG.shape[0] - 1)
+@struct.dataclass
+class RowTables:
+  """Expected tables computed at run time, one per row (a draft tree chosen per step from its
+  drafts' confidence): E_n(g) as `expected_table`'s, [B, T + 1, G]."""
+  E_BxTxG: jax.Array
 
 
-def _scale_index(stats: SizingStats, table) -> jax.Array:
-  """[C] the best-fitting scale per context."""
-  full_CxG = _per_context(table)[:, -1]
-  prior_CxG = PRIOR_WEIGHT * (full_CxG - full_CxG[:, int(np.argmin(np.abs(SCALES - 1.0)))][:, None]) ** 2
-  return jnp.argmin(stats.err_CxG + jnp.asarray(prior_CxG), axis=1)
+def row_tables(parents_BxT: jax.Array, accept_BxT: jax.Array, max_depth: int) -> RowTables:
+  """`expected_table` of each row's own tree: node i accepted with probability
+  min(MAX_ACCEPT, g * accept[b, i]) given its parent was (parents[b, i] < i; the root's unused)."""
+  B, T = parents_BxT.shape
+  parents = jnp.maximum(parents_BxT, 0).astype(jnp.int32)
+  a_BxGxT = jnp.minimum(MAX_ACCEPT, accept_BxT[:, None, :] * jnp.asarray(SCALES, jnp.float32)[None, :, None])
+  not_root = jnp.arange(T)[None, None, :] > 0
+  reach = jnp.where(not_root, a_BxGxT, 1.0)
+  for _ in range(max_depth):  # reach[i] = a[i] * reach[parent i]: a fixed point after max_depth rounds
+    reach = jnp.where(not_root, a_BxGxT * jnp.take_along_axis(reach, jnp.broadcast_to(parents[:, None, :], reach.shape),
+                                                               axis=2), 1.0)
+  reach = jnp.where(not_root, reach, 0.0)  # the root is the pending token, not a draft
+  cum_BxTxG = jnp.cumsum(jnp.swapaxes(reach, 1, 2), axis=1)
+  return RowTables(jnp.concatenate([jnp.zeros((B, 1, len(SCALES)), jnp.float32), cum_BxTxG], axis=1))
+
+
+def _row_table(table, context_B) -> jax.Array:
+  """[B, T + 1, G]: each row's table (a static table by the row's context, or `RowTables`)."""
+  if isinstance(table, RowTables):
+    return table.E_BxTxG
+  table_CxTxG = jnp.asarray(_per_context(table))
+  return table_CxTxG[jnp.minimum(context_B, table_CxTxG.shape[0] - 1)]
+
+
+def _scale_index(stats: SizingStats, table_BxTxG, context_B) -> jax.Array:
+  """[B] each row's best-fitting scale: its context's error plus a pull towards g = 1."""
+  full_BxG = table_BxTxG[:, -1]
+  prior_BxG = PRIOR_WEIGHT * (full_BxG - full_BxG[:, int(np.argmin(np.abs(SCALES - 1.0)))][:, None]) ** 2
+  return jnp.argmin(stats.err_CxG[context_B] + prior_BxG, axis=1)
 
 
 def observe(stats: SizingStats, table, verified_B, accepted_B, active_B, context_B=None) -> SizingStats:
   """Fold in one step: row b (in draft context `context[b]`, default 0) verified the first
   `verified[b]` nodes and accepted `accepted[b]` drafts. `table`: one `expected_table` for every
-  context, or [C, T + 1, G] one per context (contexts whose drafts differ, e.g. grafted chains)."""
+  context, [C, T + 1, G] one per context (contexts whose drafts differ, e.g. grafted chains), or
+  `RowTables` (each row's tree of this step)."""
   context_B = jnp.zeros_like(verified_B) if context_B is None else context_B
-  table_CxTxG = _per_context(table)
-  predicted_BxG = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B), verified_B]
+  table_BxTxG = _row_table(table, context_B)
+  predicted_BxG = jnp.take_along_axis(table_BxTxG, verified_B[:, None, None].astype(jnp.int32), axis=1)[:, 0]
   err_BxG = ((accepted_B[:, None] - predicted_BxG) ** 2) * active_B[:, None]
   return stats.replace(err_CxG=(stats.err_CxG * DECAY).at[context_B].add(err_BxG))
 
 
 def best_sizes(stats: SizingStats, table, sizes: tuple[int, ...], cost, context_B) -> jax.Array:
   """[B]: each row's forward size (one of `sizes`) with the highest expected tokens per second
-  under its context's learned scale. `cost[i]`: time of a step of sizes[i] tokens relative to a
-  1-token forward; or `cost[c][i]` per draft context (a step's drafting work may differ by context)."""
-  g_B = _scale_index(stats, table)[context_B]
-  table_CxTxG = _per_context(table)
-  expected_BxS = jnp.asarray(table_CxTxG)[_context_rows(table_CxTxG, context_B)[:, None],
-                                          jnp.asarray(sizes)[None, :], g_B[:, None]]
+  under its context's learned scale. `table` as in `observe`. `cost[i]`: time of a step of
+  sizes[i] tokens relative to a 1-token forward; or `cost[c][i]` per draft context (a step's
+  drafting work may differ by context)."""
+  table_BxTxG = _row_table(table, context_B)
+  g_B = _scale_index(stats, table_BxTxG, context_B)
+  expected_BxS = table_BxTxG[jnp.arange(table_BxTxG.shape[0])[:, None], jnp.asarray(sizes)[None, :], g_B[:, None]]
   cost_CxS = np.atleast_2d(np.asarray(cost, np.float32))
   cost_BxS = jnp.asarray(cost_CxS)[jnp.minimum(context_B, cost_CxS.shape[0] - 1)]
   rate_BxS = (1.0 + expected_BxS) / cost_BxS
@@ -221,8 +248,9 @@ class PrefixSizing:
     tables = [expected_table(self.tree.parents, p) for p in self.context_priors()]
     return tables[0] if len(tables) == 1 else np.stack(tables)
 
-  def limit(self, valid_BxT, stats: SizingStats, context_B=None):
-    """valid_BxT cut to each row's paying prefix (unchanged when not sized)."""
+  def limit(self, valid_BxT, stats: SizingStats, context_B=None, table=None):
+    """valid_BxT cut to each row's paying prefix (unchanged when not sized). `table`: the rows'
+    own `RowTables` (trees chosen per step), else the method's static `size_table`."""
     if not self.sized:
       return valid_BxT
     if self.cost is None:
@@ -230,12 +258,14 @@ class PrefixSizing:
                                "first (generate does this)")
     B, T = valid_BxT.shape
     context_B = jnp.zeros((B,), jnp.int32) if context_B is None else context_B
-    size_B = best_sizes(stats, self.size_table, self.forward_sizes, self.step_cost, context_B)
+    table = self.size_table if table is None else table
+    size_B = best_sizes(stats, table, self.forward_sizes, self.step_cost, context_B)
     return valid_BxT & (jnp.arange(T)[None, :] < size_B[:, None])
 
   def observe_step(self, stats: SizingStats, draft, verdict, n_B) -> SizingStats:
     if not self.sized:
       return stats
     # a sized drafter's Draft.context is its rows' draft context ([B] int32) or None
-    stats = observe(stats, self.size_table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0, draft.context)
+    table = self.size_table if draft.parents is None else row_tables(draft.parents, draft.accept, self.tree.max_depth)
+    stats = observe(stats, table, draft.valid.sum(axis=1), verdict.n - 1, n_B > 0, draft.context)
     return spend(stats, self.forward_sizes, self.step_cost, draft.valid, draft.context, n_B, n_B > 0)

@@ -2,7 +2,9 @@
 
 The method supplies the draft, its forward layout (`forward_depth`, `forward_mask`: the
 verified tree first, then any extra tokens such as a lookahead window), the verification rule
-and the state update (see `jaxspec.methods.base.Method`); everything else is shared.
+and the state update (see `jaxspec.methods.base.Method`); everything else is shared. A draft
+that carries its own trees (`Draft.parents`: each row's tree chosen this step, e.g. by draft
+confidence) gets positions and a [B, T, T] mask from them instead of the static layout.
 
 Pay per draft: a method with several `forward_sizes` runs, each step, the smallest forward
 prefix that holds every row's valid draft nodes (one `lax.switch`, every branch compiled once;
@@ -24,18 +26,20 @@ from jaxspec.decode_state import DecodeState, append_tokens, record_step
 from jaxspec.methods.draft_sizing import size_index
 from jaxspec.models.kv_cache import advance, commit, write_new
 from jaxspec.sampling import SamplingConfig
-from jaxspec.verify import target_rows
+from jaxspec.verify import target_rows, tree_structure
 
 
-def _forward(method, model, attn_impl, sampling: SamplingConfig, size: int, cache, tokens_BxT, positions_BxT):
+def _forward(method, model, attn_impl, sampling: SamplingConfig, size: int, cache, tokens_BxT, positions_BxT,
+             mask_BxTxT=None):
   """The forward over the first `size` tokens: logits, their `TargetRows` (argmax or p), captures
-  and the new tokens' K/V, all zero-padded back to T. The target rows are computed here, over
-  `size` rows: after the switch the argmax ran over all T rows (1.3 ms at T=17 on a 49k vocabulary,
-  ~4% of a SmolLM2 step on this CPU), and p too (experiments/NOTES.md, session 14). The cache is only read:
+  and the new tokens' K/V, all zero-padded back to T (`mask_BxTxT`: per-row trees; None: the
+  method's static layout). The target rows are computed here, over `size` rows: after the switch
+  the argmax ran over all T rows (1.3 ms at T=17 on a 49k vocabulary, ~4% of a SmolLM2 step on
+  this CPU), and p too (experiments/NOTES.md, session 14). The cache is only read:
   under `lax.switch`, XLA CPU updated a cache passed through the conditional in place in the first
   branch only and copied it in the others."""
   T = tokens_BxT.shape[1]
-  mask = jnp.asarray(method.forward_mask[:size, :size])
+  mask = jnp.asarray(method.forward_mask[:size, :size]) if mask_BxTxT is None else mask_BxTxT[:, :size, :size]
   logits, hidden, new_kv = model(cache, tokens_BxT[:, :size], positions_BxT[:, :size], mask,
                                  capture=method.capture, attn_impl=attn_impl, write_cache=False)
   pad = lambda x: jnp.pad(x, [(0, 0), (0, T - size)] + [(0, 0)] * (x.ndim - 2))
@@ -51,10 +55,13 @@ def speculative_step(method, model, mparams, state: DecodeState, sampling: Sampl
   key, k_prop, k_ver = jax.random.split(state.key, 3)
   draft, method_state = method.propose(model, mparams, state, sampling, k_prop, attn_impl)
   state = state.replace(method_state=method_state)
-  depth_T = jnp.asarray(method.forward_depth, jnp.int32)
-  positions_BxT = state.cache.lengths[:, None] + depth_T[None, :]
+  if draft.parents is None:  # the method's static layout
+    depth_BxT, mask_BxTxT = jnp.asarray(method.forward_depth, jnp.int32)[None, :], None
+  else:  # each row's own tree this step (XLA attention: the Pallas kernels take one mask)
+    depth_BxT, mask_BxTxT = tree_structure(draft.parents, method.tree.max_depth)
+  positions_BxT = state.cache.lengths[:, None] + depth_BxT
   sizes = method.forward_sizes
-  operands = (state.cache, draft.tokens, positions_BxT)
+  operands = (state.cache, draft.tokens, positions_BxT, mask_BxTxT)
   forward = functools.partial(_forward, method, model, attn_impl, sampling)
   if len(sizes) == 1:
     size = jnp.asarray(sizes[0], jnp.int32)
