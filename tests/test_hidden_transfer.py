@@ -152,7 +152,7 @@ def test_recycled_depths_read_their_parent_token_and_persist(tiny, tmp_path):
   want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
   tiny.method_memory.pop(m.memory_key, None)
   assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids
-  _, seen_after = tiny.method_memory[m.memory_key]
+  _, seen_after, _ = tiny.method_memory[m.memory_key]
   assert np.asarray(seen_after).sum() > 0
   assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids  # from the kept matrix
   with pytest.raises(InvalidOptionError, match="recycle"):
@@ -195,6 +195,64 @@ def test_depth_one_merges_the_heads_and_the_pending_tokens_row(tiny, tmp_path):
   assert jaxspec.generate(tiny, PROMPTS, m, max_new_tokens=24).token_ids == want.token_ids
   with pytest.raises(InvalidOptionError, match="root_recycle"):
     HiddenTransfer(recycle=2, root_recycle=3)
+
+
+def test_a_dynamic_tree_verifies_each_rows_most_probable_pool_nodes(tiny, tmp_path):
+  """With `dynamic`, each row verifies the `nodes` pool nodes of highest probability (its parent's
+  times its own confidence; a repeated sibling token dropped), most probable first, parents before
+  children; the output is AR's, batch and ragged, sized or not."""
+  from flax import nnx
+  from jaxspec import engine
+  from jaxspec.methods.hidden_transfer import ROW_CONFIDENCE
+  from jaxspec.sampling import SamplingConfig
+  folder = _save_random_heads(tmp_path / "h", tiny)
+  m = HiddenTransfer(heads=str(folder), nodes=6, pool=16, recycle=4, lookup=0, adaptive=False,
+                     dynamic=True).resolve(tiny)
+  assert m.tree.size == 7 and m.scratch_tokens == 7
+  V = tiny.config.vocab_size
+  st = engine.init_state(tiny.config, PROMPTS[:2], 8, m, None, 64, 8, jnp.float32)
+  M_Vxk = jax.random.randint(jax.random.key(3), (V, 4), 0, V)
+  P_Vxk = jnp.sort(jax.random.dirichlet(jax.random.key(4), jnp.ones(6), (V,))[:, :4], axis=1)[:, ::-1]
+  seen_V = jnp.arange(V) % 5 != 0
+  h_BxE = jax.random.normal(jax.random.key(2), (2, tiny.config.embed_dim))
+  st = st.replace(method_state=st.method_state.replace(M_Vxk=M_Vxk, seen_V=seen_V, P_Vxk=P_Vxk, h_BxE=h_BxE,
+                                                       has_h_B=jnp.ones((2,), bool)))
+  model = nnx.merge(tiny.graphdef, tiny.params)
+  params = m.load_params(tiny)
+  draft, _ = m.propose(model, params, st, SamplingConfig(0.0), jax.random.key(0))
+  # the pool as drafted, scored here independently: reach = own x parent's reach
+  tokens, valid, _, own = (np.asarray(x) for x in m._fill(model, params, st, "auto", lambda v, c, g: v, None))
+  pool = m._tree_and_slots[0]
+  M, P = np.asarray(M_Vxk), np.asarray(P_Vxk)
+  for b in range(2):
+    reach, kept = {0: 1.0}, {}
+    for i in range(1, pool.size):
+      p, key = pool.parents[i], (pool.parents[i], int(tokens[b, i]))
+      if valid[b, i] and p in reach and key not in kept:
+        kept[key] = i
+        reach[i] = reach[p] * own[b, i]
+        if pool.depth[i] >= 2:  # a recycled candidate: its stored probability, scaled
+          c = list(M[tokens[b, p]]).index(tokens[b, i])
+          np.testing.assert_allclose(own[b, i], P[tokens[b, p], c] * ROW_CONFIDENCE, rtol=1e-5)
+    best = sorted(reach.values(), reverse=True)[:7]
+    sel_tok, sel_valid = np.asarray(draft.tokens[b]), np.asarray(draft.valid[b])
+    sel_par, sel_acc = np.asarray(draft.parents[b]), np.asarray(draft.accept[b])
+    got_reach = [1.0]
+    for i in range(1, 7):
+      assert sel_valid[i] and 0 <= sel_par[i] < i
+      got_reach.append(got_reach[sel_par[i]] * sel_acc[i])
+    np.testing.assert_allclose(got_reach, best, rtol=1e-5)  # the most probable nodes, in order
+    assert len({(int(sel_par[i]), int(sel_tok[i])) for i in range(1, 7)}) == 6  # no repeated sibling
+
+  want = jaxspec.generate(tiny, PROMPTS, "ar", max_new_tokens=24)
+  for opts in (dict(adaptive=False), dict(cost=(1.0, 1.0, 1.0)), dict(lookup=4, min_ngram=1, cost=(1.0, 1.0, 1.0))):
+    dyn = HiddenTransfer(heads=str(folder), nodes=6, pool=16, recycle=4, dynamic=True, **opts)
+    got = jaxspec.generate(tiny, PROMPTS, dyn, max_new_tokens=24)
+    assert got.token_ids == want.token_ids
+    assert got.stats.steps < want.stats.steps
+  for bad in (dict(recycle=0), dict(nodes=20, pool=16), dict(nodes="auto")):
+    with pytest.raises(InvalidOptionError, match="dynamic"):
+      HiddenTransfer(dynamic=True, **bad)
 
 
 def test_a_draft_vocabulary_limits_the_heads_drafts(tiny, tmp_path):

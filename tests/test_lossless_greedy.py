@@ -28,6 +28,7 @@ CONFIGS = [
     ("hidden_transfer", dict(adaptive=False)),  # packaged heads (draft vocabulary) + recycled depths + lookup
     # chain, every step drafting (on a steep forward-time curve the sizing may rightly choose never to draft)
     ("hidden_transfer", dict(adaptive=False, lookup=0, recycle=0, draft_vocab=False)),  # the packaged heads alone
+    ("hidden_transfer", dict(dynamic=True, nodes=15, adaptive=False)),  # each row's most probable pool nodes
     ("auto", {}),
     ("lud", dict(verify=True, adapters="none", beta=0.05)),  # the base model's placeholders: the verifier decides
 ]

@@ -44,16 +44,17 @@ def test_sampling_matches_ar_distribution(setup, method, opts):
 
 
 @pytest.mark.slow  # end-to-end sampling, as above: drafts from heads that often match (identity-like)
-@pytest.mark.parametrize("recycle", [0, 4])  # depth 2 from the heads / from the recycled matrix
-def test_hidden_transfer_sampling_matches_ar_distribution(setup, tmp_path, recycle):
+@pytest.mark.parametrize("opts", [dict(recycle=0), dict(recycle=4),  # depth 2 from the heads / the recycled matrix
+                                  dict(recycle=4, dynamic=True, pool=8)])  # each row's most probable pool nodes
+def test_hidden_transfer_sampling_matches_ar_distribution(setup, tmp_path, opts):
   b, P = setup
   heads = random_heads_folder(b, tmp_path / "heads", k=2, layer=1, noise=0.05)
   counts, stats = sample_counts(b, PROMPT, SAMPLING, "hidden_transfer", dict(heads=str(heads), nodes=4,
-                                                                            cost=(1.0, 1.0, 1.0), recycle=recycle))
+                                                                            cost=(1.0, 1.0, 1.0), **opts))
   assert stats.tokens_per_forward > 1.0  # drafts were accepted: the tree path was exercised
   assert gof_pvalue(counts, P) > 1e-3
   # the same drafts under a wrong rule are caught
-  wrong = NaiveHiddenTransfer(heads=str(heads), nodes=4, cost=(1.0, 1.0, 1.0))
+  wrong = NaiveHiddenTransfer(heads=str(heads), nodes=4, cost=(1.0, 1.0, 1.0), **opts)
   counts, _ = sample_counts(b, PROMPT, SAMPLING, wrong)
   assert gof_pvalue(counts, P) < 1e-6
 

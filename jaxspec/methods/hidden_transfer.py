@@ -55,13 +55,17 @@ from jaxspec.errors import HeadsFileError, InvalidOptionError
 from jaxspec.methods import draft_sizing, tree_templates
 from jaxspec.methods.base import Method
 from jaxspec.methods.lookup_graft import check_options, graft, grafted_priors, main_path_lookup, num_contexts
+from jaxspec.methods.prompt_lookup import prior_accept
 from jaxspec.methods.token_recycling import fill_from_matrix, recycle
-from jaxspec.verify import Draft, TreeSpec
+from jaxspec.verify import Draft, DynamicTree, TreeSpec
 
 KIND = "hidden_transfer_heads"
 # depth 1 with root_recycle, measured on 26 held-out prompts' greedy text (experiments/depth1_union.py)
 ROW_AFTER_HEAD = (0.18, 0.01)  # the row's top-1 / later ranks, right where no earlier candidate is
 HEAD_SHARE_LOST = 0.3  # the heads' ranks >= 2 are right this much less often after the row's top-1
+# dynamic trees: a recycled candidate is right about this fraction of its stored probability (the row
+# was written in another context; experiments/dynamic_tree_sim.py, 26 held-out prompts' greedy text)
+ROW_CONFIDENCE = 0.6
 PACKAGED = Path(__file__).resolve().parent.parent / "data" / "heads"  # <model name>/params.safetensors + meta.json
 
 
@@ -163,6 +167,8 @@ class HTState:
   sizing: draft_sizing.SizingStats
   M_Vxk: jax.Array  # [V, recycle] int32: recycled next tokens per token ([V, 0] without `recycle`)
   seen_V: jax.Array  # [V] bool: the token's matrix row was written
+  P_Vxk: jax.Array  # [V, recycle] float32: the recycled candidates' probabilities when written ([V, 0]: not kept)
+  drafted_B: jax.Array  # [B] bool: the row verified a draft last step (dynamic: the heads run for such rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +180,14 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   drafts depths >= 2 (0: the heads draft every depth up to k). `root_recycle`: candidates of the
   pending token's matrix row merged into depth 1 after the heads' top-1. `draft_vocab`: rank the heads'
   drafts over the frequent-token vocabulary saved with the heads (`vocab_N`, when the file has
-  one) instead of the whole vocabulary: the partial pass then reads N/V of the LM head."""
+  one) instead of the whole vocabulary: the partial pass then reads N/V of the LM head.
+  `dynamic`: each step, each row verifies the `nodes` most probable nodes of a `pool`-node
+  candidate tree instead of a fixed template (EAGLE-2's rule; DySpec grows trees the same way):
+  a node's probability is its parent's times its own confidence, the heads' softmax probability
+  at depth 1, a recycled candidate's stored probability (x ROW_CONFIDENCE), a lookup token's
+  prior for its matched n; pay per draft then sizes each row's tree from those probabilities.
+  Rows' trees differ, so the forward's attention takes a [B, T, T] mask (the XLA path: the Pallas
+  kernels take one mask per batch)."""
 
   heads: str | None = None
   nodes: int | str = 12
@@ -189,6 +202,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   cost: tuple[float, ...] | None = None  # forward time per prefix size / one token; None: measured
   pass_cost: float = 0.0  # the partial pass / one 1-token forward; measured at resolve along with `cost`
   max_loss: float | None = None  # adaptive: bound the time lost to rejected drafts (`auto`: 0.05)
+  dynamic: bool = False
+  pool: int = 48  # dynamic: candidate nodes the verified ones are chosen from
   # resolved from the heads' meta.json
   layer: int = 0
   k: int = 0
@@ -205,6 +220,9 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if not 0 <= self.recycle <= len(tree_templates.PRIOR_SLOT_ACCEPT):
       raise InvalidOptionError(f"hidden_transfer recycle must be in [0, {len(tree_templates.PRIOR_SLOT_ACCEPT)}], "
                                f"got {self.recycle!r}")
+    if self.dynamic and (not self.recycle or not isinstance(self.nodes, int) or not 1 <= self.nodes <= self.pool):
+      raise InvalidOptionError(f"hidden_transfer dynamic trees need recycle >= 1 and 1 <= nodes <= pool, got "
+                               f"recycle={self.recycle}, nodes={self.nodes!r}, pool={self.pool}")
     if self.root_recycle < 0 or (self.recycle and self.root_recycle > self.recycle):
       raise InvalidOptionError(f"hidden_transfer root_recycle must be in [0, recycle={self.recycle}] (the matrix "
                                f"holds recycle candidates per token), got {self.root_recycle!r}")
@@ -212,14 +230,16 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   @property
   def memory_key(self) -> str | None:
     """With `recycle`, the recycled matrix persists across calls on a bundle under this key."""
-    return f"hidden_transfer_recycled_k{self.recycle}" if self.recycle else None
+    if not self.recycle:
+      return None
+    return f"hidden_transfer_recycled_k{self.recycle}" + ("_probs" if self.dynamic else "")
 
   def remember(self, ms: "HTState"):
-    return (ms.M_Vxk, ms.seen_V)
+    return (ms.M_Vxk, ms.seen_V, ms.P_Vxk)
 
   def recall(self, ms: "HTState", memory):
-    M_Vxk, seen_V = memory
-    return ms.replace(M_Vxk=M_Vxk, seen_V=seen_V)
+    M_Vxk, seen_V, P_Vxk = memory
+    return ms.replace(M_Vxk=M_Vxk, seen_V=seen_V, P_Vxk=P_Vxk)
 
   def _path(self, bundle) -> Path:
     return Path(self.heads) if self.heads else default_heads(bundle.name)
@@ -249,6 +269,8 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     head's draft: every size > 1 without a lookup match; with one (context n >= 1) the main
     path's first `lookup` nodes are grafted, so only sizes past them."""
     sizes, cost = self.forward_sizes, self.cost
+    if self.dynamic:  # the pass runs on every step that may draft
+      return tuple(c + (self.pass_cost if s > 1 else 0.0) for s, c in zip(sizes, cost))
     grafted = lambda c: self.lookup if c else 0
     return tuple(tuple(cost[i] + (self.pass_cost if s > 1 + grafted(c) else 0.0) for i, s in enumerate(sizes))
                  for c in range(num_contexts(self.lookup, self.max_ngram)))
@@ -321,7 +343,7 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   def _tree_and_slots(self):
     if not self.k:
       raise InvalidOptionError("hidden_transfer must be resolved against a model first (generate does this)")
-    tree, slots = self._template(int(self.nodes))
+    tree, slots = self._template(int(self.pool if self.dynamic else self.nodes))
     return tree_templates.main_chain_first(tree, slots, self.lookup) if self.lookup else (tree, slots)
 
   def _pick_nodes(self, bundle, pass_cost: float = 0.0) -> int:
@@ -356,8 +378,16 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return (depth >= 1) & (depth <= (1 if self.recycle else self.k))
 
   @property
-  def tree(self) -> TreeSpec:
-    return self._tree_and_slots[0]
+  def tree(self) -> TreeSpec | DynamicTree:
+    """The verified tree: the template, or with `dynamic` the bounds of the trees rows choose."""
+    pool = self._tree_and_slots[0]
+    if not self.dynamic:
+      return pool
+    return DynamicTree(size=int(self.nodes) + 1, max_depth=pool.max_depth, max_children=pool.children.shape[1])
+
+  @property
+  def scratch_tokens(self) -> int:
+    return self.tree.size
 
   @property
   def capture(self) -> tuple[int, ...]:
@@ -376,11 +406,14 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
                    has_h_B=jnp.zeros((batch_size,), bool),
                    sizing=draft_sizing.init_stats(num_contexts(self.lookup, self.max_ngram), batch_size, self.max_loss),
                    M_Vxk=jnp.zeros((config.vocab_size, self.recycle), jnp.int32),
-                   seen_V=jnp.zeros((config.vocab_size,), bool))
+                   seen_V=jnp.zeros((config.vocab_size,), bool),
+                   P_Vxk=jnp.zeros((config.vocab_size, self.recycle if self.dynamic else 0), jnp.float32),
+                   drafted_B=jnp.ones((batch_size,), bool))
 
   def method_state_axes(self, method_state):
     sizing = draft_sizing.SizingStats(err_CxG=(None, None), ahead_B=(None,), max_loss=())
-    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=sizing, M_Vxk=(None, None), seen_V=(None,))
+    return HTState(h_BxE=("batch", "embed"), has_h_B=("batch",), sizing=sizing, M_Vxk=(None, None), seen_V=(None,),
+                   P_Vxk=(None, None), drafted_B=("batch",))
 
   def prefill(self, model, mparams, state: DecodeState, prompt_len: int, attn_impl, hidden):
     """The first anchor: the last prompt token's layer-t residual, from the prompt's own forward."""
@@ -389,6 +422,21 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     return ms.replace(h_BxE=h_BxE.astype(jnp.float32), has_h_B=jnp.ones_like(ms.has_h_B))
 
   def propose(self, model, mparams, state: DecodeState, sampling, key, attn_impl="auto"):
+    ms: HTState = state.method_state
+    if self.dynamic:
+      return self._propose_dynamic(model, mparams, state, attn_impl), ms
+    limit = lambda valid, context_B, grafted: self.limit(valid, ms.sizing, context_B)
+    tokens, valid, context_B, _ = self._fill(model, mparams, state, attn_impl, limit, None)
+    return Draft(tokens=tokens, valid=valid, context=context_B), ms
+
+  def _fill(self, model, mparams, state: DecodeState, attn_impl, limit, wants_heads_B):
+    """The template (or pool) filled for this step: (tokens [B, T], valid [B, T], context [B] or
+    None, own confidence [B, T] or None). `limit(valid, context, grafted)`: the nodes that may
+    be verified, known before the heads run; the partial pass runs only if one of them is a
+    head's draft in a row of `wants_heads_B` ([B] bool; None: every row), else the heads' nodes
+    are not drafts. Own confidence (each node's probability given its parent's, for dynamic trees):
+    the heads' softmax probability, a recycled candidate's stored one (x ROW_CONFIDENCE), a
+    grafted lookup token's prior for its matched n."""
     ms: HTState = state.method_state
     tree, slots = self._tree_and_slots
     B, T = state.batch_size, tree.size
@@ -401,57 +449,127 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
     if self.lookup:
       cont_BxL, found_BxL, context_B = main_path_lookup(state, self.lookup, self.max_ngram, self.min_ngram)
       tokens, ok_BxT, grafted_BxT = graft(tokens, ok_BxT, cont_BxL, found_BxL)
-    valid = self.limit((jnp.arange(T)[None, :] == 0) | ok_BxT, ms.sizing, context_B)
+    valid = limit((jnp.arange(T)[None, :] == 0) | ok_BxT, context_B, grafted_BxT)
     heads = self._drafting_params(mparams)
     offsets = self.offsets
     pseudo = lambda: pseudo_logits(model, heads, state.cache, ms.h_BxE, self.layer, attn_impl,
                                    pending_B=last_tokens(state), offsets=offsets)
     V = heads["vocab_N"].shape[0] if "vocab_N" in heads else model.config.vocab_size
     # no row verifies a head's draft this step: skip the partial pass (it would make the step dearer)
-    needs_heads = jnp.any(valid & jnp.asarray(heads_T)[None, :] & ~grafted_BxT)
+    wants = valid & jnp.asarray(heads_T)[None, :] & ~grafted_BxT
+    needs_heads = jnp.any(wants if wants_heads_B is None else wants & wants_heads_B[:, None])
     logits_BxKxV = jax.lax.cond(needs_heads, pseudo, lambda: jnp.zeros((B, offsets, V), jnp.float32))
-    top_BxKxM = jax.lax.top_k(logits_BxKxV, m)[1].astype(jnp.int32)
+    top_p_BxKxM, top_BxKxM = jax.lax.top_k(logits_BxKxV, m)
+    top_BxKxM = top_BxKxM.astype(jnp.int32)
     if "vocab_N" in heads:
       top_BxKxM = heads["vocab_N"][top_BxKxM]
-    head_tok = top_BxKxM[:, np.clip(depth - 1, 0, offsets - 1), np.minimum(slots_T, m - 1)]  # [B, T]
+    if self.dynamic:  # the drafts' probabilities rank a dynamic tree
+      top_p_BxKxM = jnp.exp(top_p_BxKxM - jax.nn.logsumexp(logits_BxKxV, axis=-1, keepdims=True))
+    rows, cols = np.clip(depth - 1, 0, offsets - 1), np.minimum(slots_T, m - 1)
+    head_tok, own = top_BxKxM[:, rows, cols], top_p_BxKxM[:, rows, cols]  # [B, T]
+    ok_BxT = ok_BxT & (needs_heads | ~jnp.asarray(heads_T)[None, :] | grafted_BxT)  # no pass: no head drafts
     if self.recycle and self.root_recycle:  # depth 1: the heads' and the pending token's row's, merged
       first = np.nonzero(depth == 1)[0]
-      merged_BxS, ok_BxS = self._merged_depth1(top_BxKxM[:, 0], ms.M_Vxk, ms.seen_V, last_tokens(state),
-                                               int(slots_T[first].max()) + 1)
+      merged_BxS, ok_BxS, p_BxS = self._merged_depth1(top_BxKxM[:, 0], top_p_BxKxM[:, 0], needs_heads, ms,
+                                                     last_tokens(state), int(slots_T[first].max()) + 1)
       head_tok = head_tok.at[:, first].set(merged_BxS[:, slots_T[first]])
+      own = own.at[:, first].set(p_BxS[:, slots_T[first]])
       ok_BxT = ok_BxT.at[:, first].set(ok_BxT[:, first] & ok_BxS[:, slots_T[first]])
       valid = valid & (ok_BxT | (jnp.arange(T)[None, :] == 0) | grafted_BxT)
     keep_BxT = grafted_BxT | (jnp.arange(T) == 0)[None, :]
     tokens = jnp.where(keep_BxT, tokens, head_tok)
     if self.recycle:  # depths >= 2 off the matrix (children read their parent's token)
       tokens, valid = fill_from_matrix(tokens, valid, keep_BxT, ms.M_Vxk, ms.seen_V, tree, slots, 2)
-    return Draft(tokens=tokens, valid=valid, context=context_B), ms
+    if not self.dynamic:
+      return tokens, valid, context_B, None
+    parents = np.maximum(np.asarray(tree.parents), 0)
+    recycled = ms.P_Vxk[tokens[:, parents], slots_T[None, :]] * ROW_CONFIDENCE  # [B, T]
+    own = jnp.where(jnp.asarray(depth >= 2)[None, :], recycled, own)
+    contexts = range(num_contexts(self.lookup, self.max_ngram))
+    prior_CxL = np.asarray([prior_accept(n, max(self.lookup, 1)) for n in contexts], np.float32)
+    if self.lookup:
+      lookup_own = jnp.asarray(prior_CxL)[context_B][:, np.clip(depth - 1, 0, self.lookup - 1)]
+      own = jnp.where(grafted_BxT, lookup_own, own)
+    return tokens, valid, context_B, own.at[:, 0].set(1.0)
 
-  def _merged_depth1(self, heads_BxM, M_Vxk, seen_V, root_B, S: int):
-    """([B, S] tokens, [B, S] ok): the first S distinct candidates of `_depth1_order` (the heads'
-    ranks from heads_BxM, the row's from M[root], usable only where that row was written);
-    a slot past a row's distinct candidates is not ok."""
-    row_BxJ, row_ok_B = M_Vxk[root_B], seen_V[root_B]
-    pick = lambda src, c: (heads_BxM[:, c], jnp.ones_like(row_ok_B)) if src == "head" else (row_BxJ[:, c], row_ok_B)
+  def _propose_dynamic(self, model, mparams, state: DecodeState, attn_impl) -> Draft:
+    """Each row's `nodes` most probable pool nodes (`dynamic`), most probable first (a node's
+    probability is at most its parent's, so every prefix is a tree), then the prefix that pays."""
+    ms: HTState = state.method_state
+    pool, _ = self._tree_and_slots
+    P, N1 = pool.size, self.tree.size
+    B = state.batch_size
+    # the heads run for rows that verified a draft last step (one that did not drafts from the
+    # lookup chain and its recycled rows, and wants the heads again once that pays), unless the
+    # loss bound allows no row any draft this step
+    sizes, cost = self.forward_sizes, np.atleast_2d(np.asarray(self.step_cost if self.sized else [[1.0]], np.float32))
+    can_draft_B = (ms.sizing.ahead_B + 1.0 + ms.sizing.max_loss >= float(cost[:, 1:].min())) if self.sized and \
+        len(sizes) > 1 else jnp.ones((B,), bool)
+    limit = lambda valid, context_B, grafted: valid & (can_draft_B[:, None] | (jnp.arange(P) == 0)[None, :])
+    tokens, valid, context_B, own = self._fill(model, mparams, state, attn_impl, limit,
+                                               ms.drafted_B if self.sized else None)
+    parents = np.maximum(np.asarray(pool.parents), 0)
+    # a sibling repeating an earlier valid sibling's token is dropped; the first keeps the best confidence
+    same_BxPxP = ((tokens[:, :, None] == tokens[:, None, :]) & jnp.asarray(parents[:, None] == parents[None, :])[None]
+                  & valid[:, None, :] & jnp.asarray(np.arange(P)[:, None] > 0)[None])
+    earlier_PxP = np.tril(np.ones((P, P), bool), -1)
+    own = jnp.max(jnp.where(same_BxPxP, own[:, None, :], 0.0), axis=2).at[:, 0].set(1.0)
+    valid = valid & ~jnp.any(same_BxPxP & earlier_PxP[None], axis=2)
+    own = jnp.where(valid, own, 0.0)
+    depth = pool.depth
+    reach = own
+    for d in range(1, pool.max_depth + 1):  # a node's probability: its parent's times its own
+      nodes = np.nonzero(depth == d)[0]
+      reach = reach.at[:, nodes].set(own[:, nodes] * reach[:, parents[nodes]])
+    key_BxP = jnp.where(valid & (reach > 0), reach, -1.0).at[:, 0].set(2.0)
+    order_BxP = jnp.argsort(-key_BxP, axis=1, stable=True)  # ties: the pool order, parents first
+    pick_BxN = order_BxP[:, :N1]
+    rank_BxP = jnp.argsort(order_BxP, axis=1)  # each pool node's place in the order
+    take = lambda x: jnp.take_along_axis(x, pick_BxN, axis=1)
+    sel_valid = take(valid & (reach > 0))
+    sel_parents = jnp.take_along_axis(rank_BxP, jnp.asarray(parents)[pick_BxN], axis=1)
+    sel_parents = jnp.where(sel_valid, sel_parents, 0).at[:, 0].set(-1).astype(jnp.int32)
+    sel_own = jnp.where(sel_valid, take(own), 0.0)
+    if self.sized:
+      table = draft_sizing.row_tables(sel_parents, sel_own, self.tree.max_depth)
+      sel_valid = self.limit(sel_valid, ms.sizing, context_B, table)
+    return Draft(tokens=take(tokens), valid=sel_valid, context=context_B, parents=sel_parents, accept=sel_own)
+
+  def _merged_depth1(self, heads_BxM, heads_p_BxM, heads_ran, ms: HTState, root_B, S: int):
+    """([B, S] tokens, [B, S] ok, [B, S] own confidence): the first S distinct candidates of
+    `_depth1_order` (the heads' ranks from heads_BxM, usable where the heads ran; the row's from
+    M[root], usable only where that row was written); a slot past a row's distinct candidates is
+    not ok."""
+    row_BxJ, row_ok_B = ms.M_Vxk[root_B], ms.seen_V[root_B]
+    row_p_BxJ = (ms.P_Vxk[root_B] * ROW_CONFIDENCE if ms.P_Vxk.shape[1] else jnp.zeros(row_BxJ.shape, jnp.float32))
+
+    def pick(src, c):
+      if src == "head":
+        return heads_BxM[:, c], jnp.broadcast_to(heads_ran, row_ok_B.shape), heads_p_BxM[:, c]
+      return row_BxJ[:, c], row_ok_B, row_p_BxJ[:, c]
+
     cand = [pick(src, c) for src, c in self._depth1_order if src == "row" or c < heads_BxM.shape[1]]
-    tok_BxJ = jnp.stack([t for t, _ in cand], axis=1)
-    ok_BxJ = jnp.stack([o for _, o in cand], axis=1)
+    tok_BxJ, ok_BxJ, p_BxJ = (jnp.stack([x[i] for x in cand], axis=1) for i in range(3))
     J = tok_BxJ.shape[1]
     earlier_JxJ = jnp.tril(jnp.ones((J, J), bool), -1)  # [j, i]: i comes before j
     dup_BxJ = jnp.any((tok_BxJ[:, :, None] == tok_BxJ[:, None, :]) & ok_BxJ[:, None, :] & earlier_JxJ[None], axis=2)
     keep_BxJ = ok_BxJ & ~dup_BxJ
     order_BxJ = jnp.argsort(jnp.where(keep_BxJ, 0, 1) * J + jnp.arange(J)[None, :], axis=1)  # kept first, in order
     S = min(S, J)
-    return (jnp.take_along_axis(tok_BxJ, order_BxJ[:, :S], axis=1),
-            jnp.take_along_axis(keep_BxJ, order_BxJ[:, :S], axis=1))
+    take = lambda x: jnp.take_along_axis(x, order_BxJ[:, :S], axis=1)
+    return take(tok_BxJ), take(keep_BxJ), take(p_BxJ)
 
   def update(self, ms: HTState, state, draft: Draft, logits_BxTxV, hidden, verdict, n_B):
     """Keep the layer-t residual of each row's last accepted node: the next step's anchor."""
     last_B = jnp.take_along_axis(verdict.path, jnp.maximum(verdict.n - 1, 0)[:, None], axis=1)[:, 0]
     h_BxE = jnp.take_along_axis(hidden[self.layer - 1], last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     active = n_B > 0
-    M_Vxk, seen_V = ms.M_Vxk, ms.seen_V
-    if self.recycle:
+    M_Vxk, seen_V, P_Vxk = ms.M_Vxk, ms.seen_V, ms.P_Vxk
+    if self.dynamic:
+      M_Vxk, seen_V, P_Vxk = recycle(M_Vxk, seen_V, draft, logits_BxTxV, self.forward_sizes, P_Vxk)
+    elif self.recycle:
       M_Vxk, seen_V = recycle(M_Vxk, seen_V, draft, logits_BxTxV, self.forward_sizes)
+    drafted_B = jnp.where(active, jnp.sum(draft.valid, axis=1) > 1, ms.drafted_B)
     return HTState(h_BxE=jnp.where(active[:, None], h_BxE, ms.h_BxE), has_h_B=ms.has_h_B | active,
-                   sizing=self.observe_step(ms.sizing, draft, verdict, n_B), M_Vxk=M_Vxk, seen_V=seen_V)
+                   sizing=self.observe_step(ms.sizing, draft, verdict, n_B), M_Vxk=M_Vxk, seen_V=seen_V, P_Vxk=P_Vxk,
+                   drafted_B=drafted_B)

@@ -156,24 +156,35 @@ class TokenRecycling(draft_sizing.PrefixSizing, Method):
     return RecyclingState(M_Vxk=M_Vxk, seen_V=seen_V, sizing=self.observe_step(mstate.sizing, draft, verdict, n_B))
 
 
-def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, sizes: tuple[int, ...]):
+def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, sizes: tuple[int, ...], P_Vxk=None):
   """(M, seen) after a verified step: M[token] <- top-k of the logits at every verified node.
   `sizes`: the method's forward sizes, the last its tree's node count T. The top-k ranks only the
   rows of the size the step ran (the smallest holding its valid nodes; 1 when it verified no
   draft): rows past it were not computed, and their nodes are invalid, so their M rows stay.
-  At 17 rows of a 49k vocabulary the top-k is ~0.9 ms on this CPU (experiments/NOTES.md)."""
+  At 17 rows of a 49k vocabulary the top-k is ~0.9 ms on this CPU (experiments/NOTES.md).
+  With `P_Vxk` ([V, k] float32) also the candidates' probabilities: (M, seen, P)."""
   V, k = M_Vxk.shape
   B, T = logits_BxTxV.shape[0], sizes[-1]
+  with_probs = P_Vxk is not None
 
-  def top(n):  # [B, T, k]: the first n rows ranked, zeros after
-    return jnp.pad(jax.lax.top_k(logits_BxTxV[:, :n], k)[1].astype(jnp.int32), [(0, 0), (0, T - n), (0, 0)])
+  def top(n):  # [B, T, k]: the first n rows ranked, zeros after (and their probabilities)
+    rows = logits_BxTxV[:, :n].astype(jnp.float32)
+    val, idx = jax.lax.top_k(rows, k)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, T - n), (0, 0)])
+    if not with_probs:
+      return pad(idx.astype(jnp.int32))
+    return pad(idx.astype(jnp.int32)), pad(jnp.exp(val - jax.nn.logsumexp(rows, axis=-1, keepdims=True)))
 
   sizes = tuple(sorted({1, *sizes}))
   branch = draft_sizing.size_index(sizes, draft.valid[:, :T])
-  top_BxTxk = top(T) if T == 1 else jax.lax.switch(branch, [partial(top, n) for n in sizes])
-  rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V)  # V: out of range, dropped
-  M_Vxk = M_Vxk.at[rows.reshape(-1)].set(top_BxTxk.reshape(-1, k), mode="drop")
-  return M_Vxk, seen_V.at[rows.reshape(-1)].set(True, mode="drop")
+  out = top(T) if T == 1 else jax.lax.switch(branch, [partial(top, n) for n in sizes])
+  top_BxTxk = out[0] if with_probs else out
+  rows = jnp.where(draft.valid[:, :T], draft.tokens[:, :T], V).reshape(-1)  # V: out of range, dropped
+  M_Vxk = M_Vxk.at[rows].set(top_BxTxk.reshape(-1, k), mode="drop")
+  seen_V = seen_V.at[rows].set(True, mode="drop")
+  if not with_probs:
+    return M_Vxk, seen_V
+  return M_Vxk, seen_V, P_Vxk.at[rows].set(out[1].reshape(-1, k), mode="drop")
 
 
 def fill_from_matrix(tokens_BxT, valid_BxT, keep_BxT, M_Vxk, seen_V, tree: TreeSpec, slots, from_depth: int):
