@@ -38,55 +38,31 @@ def main() -> int:
   ap.add_argument("--out", default=str(OUT))
   args = ap.parse_args()
 
-  import jax
   import jax.numpy as jnp
-  from flax import nnx
 
   import jaxspec
   from jaxspec import api, bench
   from jaxspec.heads_file import load_params_file
   from jaxspec.machine import machine_info
-  from jaxspec.methods.hidden_transfer import KIND, default_heads, pseudo_logits
-  from jaxspec.models.kv_cache import KVCache, init_cache
+  from jaxspec.methods.hidden_transfer import KIND, default_heads
+  from heads_on_greedy_text import score_greedy_text
 
   bundle = jaxspec.load_model(args.model, progress=False)
   heads_dir = args.heads or str(default_heads(bundle.name))
   params, meta = load_params_file(heads_dir, bundle, KIND)
   heads = {n: jnp.asarray(v) for n, v in params.items() if n != "vocab_N"}  # whole vocabulary
-  layer, M = int(meta["layer"]), 8
   prompts = bench.load_prompts(args.prompts, per_category=args.per_category)
   ids = [api.encode_prompts(bundle, [p["prompt"]])[0] for p in prompts]
-  out = api.generate(bundle, ids, "ar", max_new_tokens=args.new_tokens, seed=0)
-  seqs = [p + o for p, o in zip(ids, out.token_ids)]
-  S = -(-(max(len(s) for s in seqs) + 1) // 64) * 64
-
-  @jax.jit
-  def score(params, empty_cache, toks_1xS, anchors_A):
-    model = nnx.merge(bundle.graphdef, params)
-    pos = jnp.arange(S, dtype=jnp.int32)[None]
-    logits, hidden, cache = model(empty_cache, toks_1xS, pos, None, capture=(layer - 1,))
-    h_SxE = hidden[layer - 1][0]
-
-    def one(n):
-      cc = KVCache(k=cache.k, v=cache.v, lengths=jnp.reshape(n + 1, (1,)).astype(jnp.int32))
-      lg = pseudo_logits(model, heads, cc, h_SxE[n][None], layer, pending_B=toks_1xS[0, n + 1][None], offsets=1)
-      return jax.lax.top_k(lg[0, 0], M)[1]
-
-    return jax.lax.map(one, anchors_A), jax.lax.top_k(logits[0], args.k)[1]  # [A, M], [S, k]
-
-  empty = init_cache(bundle.config, 1, S, bundle.dtype)
+  scored = score_greedy_text(bundle, heads, int(meta["layer"]), ids, args.new_tokens, args.k)
   matrix = {}  # token -> its top-k next tokens, as last written
   A_MAX, B_MAX = 6, 6
   hit = np.zeros((A_MAX + 1, B_MAX + 1))
   distinct = np.zeros((A_MAX + 1, B_MAX + 1))
   merged_hit = np.zeros(A_MAX + 2)  # per slot of the merged list h0, m0, h1..h5, m1 (deduplicated)
   steps = 0
-  for p, seq in zip(ids, seqs):
-    toks = np.zeros((1, S), np.int32)
-    toks[0, :len(seq)] = seq
+  for p, d in zip(ids, scored):
+    seq, head_top, logit_top = d["seq"].tolist(), d["hi"], d["ri"]
     anchors = np.arange(len(p) - 1, len(seq) - 2)  # anchor n: token n+1 pending, n+2 drafted
-    padded = np.pad(anchors, (0, S - len(anchors)), mode="edge")
-    head_top, logit_top = (np.asarray(x) for x in score(bundle.params, empty, jnp.asarray(toks), jnp.asarray(padded)))
     # the prompt's last token is in the prefill forward; earlier prompt tokens are not
     matrix[seq[len(p) - 1]] = logit_top[len(p) - 1]
     for i, n in enumerate(anchors):

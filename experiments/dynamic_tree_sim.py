@@ -35,54 +35,17 @@ TOPK = 8
 
 
 def precompute(args):
-  """Per prompt: (sequence, prompt length, row ids [S, 8], row probs [S, 8], head ids [A, 8], head probs [A, 8])."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
+  """The resolved default `hidden_transfer` and its heads' drafts on the prompts' greedy text."""
   import jaxspec
   from jaxspec import api, bench
   from jaxspec.methods import get_method
-  from jaxspec.methods.hidden_transfer import pseudo_logits
-  from jaxspec.models.kv_cache import KVCache, init_cache
+  from heads_on_greedy_text import score_greedy_text
 
   bundle = jaxspec.load_model(args.model, progress=False)
   method = get_method("hidden_transfer", adaptive=False).resolve(bundle)
-  heads = method.load_params(bundle)
-  layer = method.layer
   prompts = bench.load_prompts(args.prompts, per_category=args.per_category)
   ids = [api.encode_prompts(bundle, [p["prompt"]])[0] for p in prompts]
-  out = api.generate(bundle, ids, "ar", max_new_tokens=args.new_tokens, seed=0)
-  seqs = [p + o for p, o in zip(ids, out.token_ids)]
-  S = -(-(max(len(s) for s in seqs) + 1) // 64) * 64
-
-  @jax.jit
-  def score(params, empty_cache, toks_1xS, anchors_A):
-    model = nnx.merge(bundle.graphdef, params)
-    pos = jnp.arange(S, dtype=jnp.int32)[None]
-    logits, hidden, cache = model(empty_cache, toks_1xS, pos, None, capture=(layer - 1,))
-    h_SxE = hidden[layer - 1][0]
-
-    def one(n):
-      cc = KVCache(k=cache.k, v=cache.v, lengths=jnp.reshape(n + 1, (1,)).astype(jnp.int32))
-      lg = pseudo_logits(model, heads, cc, h_SxE[n][None], layer, pending_B=toks_1xS[0, n + 1][None], offsets=1)
-      p, i = jax.lax.top_k(jax.nn.softmax(lg[0, 0]), TOPK)
-      return heads["vocab_N"][i], p
-
-    rp, ri = jax.lax.top_k(jax.nn.softmax(logits[0].astype(jnp.float32)), TOPK)
-    hi, hp = jax.lax.map(one, anchors_A)
-    return ri, rp, hi, hp
-
-  empty = init_cache(bundle.config, 1, S, bundle.dtype)
-  data = []
-  for p, seq in zip(ids, seqs):
-    toks = np.zeros((1, S), np.int32)
-    toks[0, :len(seq)] = seq
-    anchors = np.arange(len(p) - 1, len(seq) - 1)
-    padded = np.pad(anchors, (0, S - len(anchors)), mode="edge")
-    ri, rp, hi, hp = (np.asarray(x) for x in score(bundle.params, empty, jnp.asarray(toks), jnp.asarray(padded)))
-    data.append(dict(seq=np.asarray(seq), plen=len(p), ri=ri, rp=rp, hi=hi[:len(anchors)], hp=hp[:len(anchors)]))
-  return method, data
+  return method, score_greedy_text(bundle, method.load_params(bundle), method.layer, ids, args.new_tokens, TOPK)
 
 
 def lookup(seq, num, L, max_n=3, min_n=2):
