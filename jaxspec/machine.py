@@ -27,6 +27,15 @@ def _cpuinfo() -> dict[str, str]:
   return info
 
 
+def _thp_mode() -> str | None:
+  """Linux transparent huge pages setting ('always', 'madvise' or 'never'), None elsewhere."""
+  try:
+    text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+  except OSError:
+    return None
+  return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
+
+
 def machine_info() -> dict:
   """CPU model, family/model numbers, ISA flags that matter for XLA CPU, cores, load, device."""
   info = _cpuinfo()
@@ -38,6 +47,7 @@ def machine_info() -> dict:
       "cores": os.cpu_count(),
       "arch": platform.machine(),
       "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "transparent_hugepage": _thp_mode(),
       "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
       "device_count": jax.device_count(),

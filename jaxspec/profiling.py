@@ -24,11 +24,13 @@ CURVE_FILE = ".jaxspec-forward-times.json"
 
 
 def curve_key(bundle, context: int) -> str:
-  """What a measured curve depends on: the device, the software, the numbers' type."""
+  """What a measured curve depends on: the device, the software, the numbers' type, where the
+  weights live in host memory."""
   mesh = getattr(bundle, "mesh", None)
   where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
+  host = "|weights=huge-pages" if getattr(bundle, "huge_pages", False) else ""
   return (f"v4|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
-          f"dtype={jnp.dtype(bundle.dtype).name}|context={context}")
+          f"dtype={jnp.dtype(bundle.dtype).name}|context={context}{host}")
 
 
 def _disk_path(bundle) -> Path | None:

@@ -33,6 +33,8 @@ class ModelBundle:
   # Set when params live on a device mesh (jaxspec.sharding): generate/stream decode on it.
   mesh: Any = None
   rules: Any = None
+  # Set when params live in one huge-page host block (jaxspec.models.host_arena; CPU).
+  huge_pages: bool = False
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -64,7 +66,8 @@ def load_tokenizer(folder: Path):
 
 
 def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progress: bool = True,
-               place=None, mesh=None, rules=None, few_token_layout: bool = False) -> ModelBundle:
+               place=None, mesh=None, rules=None, few_token_layout: bool = False,
+               huge_pages: bool | None = None) -> ModelBundle:
   """Load a registered name, a local HF folder or a hub id into a ModelBundle.
 
   dtype defaults to fp32 on CPU and bf16 on accelerators. With `mesh` (jaxspec.mesh.make_mesh)
@@ -72,6 +75,8 @@ def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progr
   (default jaxspec.sharding.DEFAULT_RULES), and the bundle decodes on that mesh.
   `few_token_layout` adds [out, in] weight copies used by forwards of T > 1 tokens (faster
   speculative verification on XLA CPU; see jaxspec.models.cpu_layout).
+  `huge_pages` (default: on for the CPU backend without a mesh) moves the weights into one
+  huge-page host block (faster forwards where page walks are costly; jaxspec.models.host_arena).
   """
   from jaxspec.models.hf_loader import load_decoder
   from jaxspec.models.pull import resolve_model_path
@@ -87,6 +92,11 @@ def load_model(model: str | Path = "smollm2-135m-instruct", dtype=None, *, progr
   if few_token_layout:
     from jaxspec.models.cpu_layout import add_transposed_weights
     graphdef, params = add_transposed_weights(graphdef, params)
+  if huge_pages is None:
+    huge_pages = mesh is None and jax.default_backend() == "cpu"
+  if huge_pages:
+    from jaxspec.models.host_arena import into_huge_pages
+    params = into_huge_pages(params)
   return ModelBundle(name=str(model), path=Path(folder), config=config, graphdef=graphdef,
                      params=params, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype),
-                     mesh=mesh, rules=rules if mesh is not None else None)
+                     mesh=mesh, rules=rules if mesh is not None else None, huge_pages=bool(huge_pages))

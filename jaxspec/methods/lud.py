@@ -154,7 +154,11 @@ class LUD(Method):
     if key not in bundle.method_memory:
       adapters, meta = load_params_file(self.adapters, bundle, KIND)
       adapters = {n: jnp.asarray(v, jnp.float32) for n, v in adapters.items()}
-      bundle.method_memory[key] = jax.jit(lambda p, a: merge(p, a, float(meta["lora_scale"])))(bundle.params, adapters)
+      merged = jax.jit(lambda p, a: merge(p, a, float(meta["lora_scale"])))(bundle.params, adapters)
+      if getattr(bundle, "huge_pages", False):  # the merged weights live where the bundle's do
+        from jaxspec.models.host_arena import into_huge_pages
+        merged = into_huge_pages(merged)
+      bundle.method_memory[key] = merged
     return bundle.method_memory[key]
 
   # ---- the forward's layout ------------------------------------------------------------
