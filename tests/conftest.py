@@ -4,6 +4,10 @@ and cached; XLA compilations are cached on disk across runs."""
 import os
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxspec/xla"))
+# Huge pages for every malloc of the xdist workers (spawned after this runs; glibc >= 2.35 reads
+# it at process start, others ignore it): the suite's XLA buffers and compilations otherwise pay
+# a page walk per 4 KiB. Measured 1.6x faster on a VM (experiments/NOTES.md, session 17).
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
