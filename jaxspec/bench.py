@@ -88,7 +88,9 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   each from the learned state the method had before the prompt (so a repeat never drafts from
   its own earlier output); the run's wall time is their median, the rest is the first run's.
   `forward_curve`: forward sizes whose times go into the report beside the machine (the curve the
-  sizing reads, cached per model and device; () to skip).
+  sizing reads, cached per model and device, re-timed at the start with every size already
+  cached, so no method sizes its drafts by another day's or a busier process's timings; () to
+  skip).
   """
   if repeats < 1:
     raise InvalidOptionError(f"repeats must be >= 1, got {repeats}")
@@ -98,6 +100,9 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
   if plot:
     require_matplotlib()  # before the work, not after it
   bundle = jaxspec.load_model(model, dtype=dtype, progress=progress)
+  if forward_curve:  # timed now, in this run's conditions: every method sizes its drafts by it
+    from jaxspec.profiling import forward_time_curve
+    forward_time_curve(bundle, list(forward_curve), refresh=True)
   prompts = load_prompts(prompts_path, categories, per_category)
   measured = {p["id"] for p in prompts}
   warm_prompts = [p for p in load_prompts(prompts_path, categories, per_category + warm_per_category)
@@ -183,7 +188,8 @@ def run_bench(model: str = "smollm2-135m-instruct", methods=("ar", "pld", "recyc
       "top_p": top_p, "top_k": top_k, "prompts": len(prompts), "categories": cats,
       "warm_prompts": len(warm_prompts),
       "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-      "host": platform.node(), "summary": summary, "forward_time_curve_s": {str(k): v for k, v in curve.items()},
+      "host": platform.node(), "weights_in_huge_pages": bool(getattr(bundle, "huge_pages", False)),
+      "summary": summary, "forward_time_curve_s": {str(k): v for k, v in curve.items()},
       "runs": {label: res["runs"] for label, res in results.items()},
   }
   print(format_table(report))

@@ -2,7 +2,10 @@
 
 Measured once per model and device: kept in `bundle.method_memory` and, when the bundle was
 loaded from a folder, on disk beside the model (`.jaxspec-forward-times.json`, keyed by device
-kind, device count/mesh, jax version, dtype and context length), so later processes reuse it.
+kind, device count/mesh, jax version, dtype, context length and where the weights live), so later
+processes reuse it. `JAXSPEC_FORWARD_TIMES=read` never writes that file (the test suite: two
+workers timing at once would leave a curve of a busy machine for every later run), `off` neither
+reads nor writes it. `jaxspec bench` re-times the curve at its start (`refresh=True`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,14 @@ from jaxspec.models.kv_cache import init_cache
 
 CURVE_KEY = "forward_time_curve"
 CURVE_FILE = ".jaxspec-forward-times.json"
+DISK_ENV = "JAXSPEC_FORWARD_TIMES"  # "rw" (default), "read" or "off"
+
+
+def _disk_mode() -> str:
+  mode = os.environ.get(DISK_ENV, "rw").strip().lower() or "rw"
+  if mode not in ("rw", "read", "off"):
+    raise ValueError(f"{DISK_ENV}={mode!r}: use rw, read or off")
+  return mode
 
 
 def curve_key(bundle, context: int) -> str:
@@ -39,7 +50,7 @@ def _disk_path(bundle) -> Path | None:
 
 
 def _read_disk(bundle, key: str) -> dict[int, float]:
-  path = _disk_path(bundle)
+  path = _disk_path(bundle) if _disk_mode() != "off" else None
   try:
     return {int(t): float(s) for t, s in json.loads(path.read_text()).get(key, {}).items()} if path else {}
   except (OSError, ValueError, AttributeError):
@@ -47,7 +58,7 @@ def _read_disk(bundle, key: str) -> dict[int, float]:
 
 
 def _write_disk(bundle, key: str, curve: dict[int, float]) -> None:
-  path = _disk_path(bundle)
+  path = _disk_path(bundle) if _disk_mode() == "rw" else None
   if path is None or jax.process_index() != 0:
     return
   try:
@@ -60,7 +71,8 @@ def _write_disk(bundle, key: str, curve: dict[int, float]) -> None:
     pass  # a read-only model folder: the curve stays in memory
 
 
-def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9) -> dict[int, float]:
+def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9,
+                       refresh: bool = False) -> dict[int, float]:
   """Median seconds of one decode forward of T tokens (tree mask = causal) after `context`
   committed tokens, for each T in sizes (batch 1). Cached per bundle and on disk (see above).
 
@@ -68,13 +80,14 @@ def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9) -> d
   whole curve (cached sizes and new ones) is measured again, so ratios between sizes never mix
   a busy spell of the machine with a quiet one. Returned times never fall as T grows (each is
   the largest time measured at or below its size: a dip is measurement noise, and a method
-  would otherwise favour it)."""
+  would otherwise favour it). `refresh`: time every size now (the requested ones and every size
+  already cached for this key) and replace what was cached."""
   key = curve_key(bundle, context)
   memory = bundle.method_memory.setdefault(CURVE_KEY, {})
   want = sorted({int(t) for t in sizes})
-  if not set(want) <= set(memory.get(key, {})):
+  if refresh or not set(want) <= set(memory.get(key, {})):
     disk = _read_disk(bundle, key)
-    if set(want) <= set(disk):
+    if set(want) <= set(disk) and not refresh:
       memory[key] = disk
     else:
       union = sorted(set(want) | set(disk) | set(memory.get(key, {})))

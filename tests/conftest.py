@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/
 # it at process start, others ignore it): the suite's XLA buffers and compilations otherwise pay
 # a page walk per 4 KiB. Measured 1.6x faster on a VM (experiments/NOTES.md, session 17).
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+# Tests read a cached forward-time curve but never write one: two workers timing at once would
+# leave a busy machine's curve beside the model for every later run (it happened, session 17).
+os.environ.setdefault("JAXSPEC_FORWARD_TIMES", "read")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
