@@ -10,7 +10,7 @@ project's 2-vCPU Xeon VM (experiments/host_arena.py): a 1-token forward of SmolL
 for transparent huge pages (`madvise(MADV_HUGEPAGE)`; Linux, where THP is `madvise` or `always`)
 and hands each slice to XLA without a further copy (`jax.device_put` of an aligned host array
 aliases it on the CPU backend). Guarantees: every value and dtype is unchanged bit for bit; it is a
-no-op (returns `params` itself) unless every leaf is a jax array on one and the same CPU device;
+no-op (returns `params` untouched) unless every leaf is a jax array on one and the same CPU device;
 where the platform has no huge pages the block is ordinary memory and only the copy was spent.
 """
 
@@ -31,7 +31,7 @@ def _round_up(n: int, to: int) -> int:
 
 
 def _single_cpu_device(leaves) -> jax.Device | None:
-  """The one CPU device every leaf lives on, or None."""
+  """The one CPU device every leaf lives on, or None (also for no leaves)."""
   devices = set()
   for leaf in leaves:
     if not isinstance(leaf, jax.Array) or len(leaf.devices()) != 1:
@@ -63,26 +63,27 @@ def _huge_page_block(nbytes: int) -> np.ndarray:
 def into_huge_pages(params):
   """`params` (a pytree, e.g. an nnx.State) with every array moved into one huge-page block.
 
-  Leaves are copied one at a time and each old buffer is dropped as its replacement is made, so
-  peak memory is the old parameters plus one tensor (the block's pages are faulted in as they are
-  written)."""
+  An nnx.State is updated in place (its Variables get the new arrays) and returned: each old
+  buffer is released as its replacement is made (unless the caller holds another reference), so
+  peak memory is the old parameters plus one tensor; the block's pages are faulted in as they are
+  written. Any other pytree is rebuilt and returned; the caller's tree keeps the old arrays."""
   is_var = lambda x: isinstance(x, nnx.Variable)
   holders = jax.tree.leaves(params, is_leaf=is_var)
-  arrays = [h.get_value() if is_var(h) else h for h in holders]
-  device = _single_cpu_device(arrays)
-  if device is None or not arrays:
+  value = lambda h: h.get_value() if is_var(h) else h
+  device = _single_cpu_device(value(h) for h in holders)
+  if device is None:
     return params
   offsets, total = [], 0
-  for a in arrays:
+  for h in holders:
     offsets.append(total)
-    total += _round_up(a.nbytes, ALIGN)
+    total += _round_up(value(h).nbytes, ALIGN)
   block = _huge_page_block(max(total, 1))
   if all(is_var(h) for h in holders):  # an nnx.State: swap values in place, no second tree
     for holder, offset in zip(holders, offsets):
       holder.set_value(_place(holder.get_value(), block, offset, device))
     return params
   treedef = jax.tree.structure(params)
-  return jax.tree.unflatten(treedef, [_place(a, block, o, device) for a, o in zip(arrays, offsets)])
+  return jax.tree.unflatten(treedef, [_place(a, block, o, device) for a, o in zip(holders, offsets)])
 
 
 def _place(array: jax.Array, block: np.ndarray, offset: int, device) -> jax.Array:

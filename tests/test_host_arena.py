@@ -26,6 +26,7 @@ def test_state_moves_into_one_block_with_identical_values_and_forward():
   before = [np.array(x) for x in jax.tree.leaves(b.params)]
   old_ptrs = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(b.params)}
   params = into_huge_pages(b.params)
+  assert params is b.params  # an nnx.State is updated in place
   gc.collect()  # the old buffers are gone; the block must be kept alive by the new arrays alone
   after = jax.tree.leaves(params)
   assert len(after) == len(before)
