@@ -40,7 +40,7 @@ def curve_key(bundle, context: int) -> str:
   mesh = getattr(bundle, "mesh", None)
   where = ",".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh is not None else "1"
   host = "|weights=huge-pages" if getattr(bundle, "huge_pages", False) else ""
-  return (f"v4|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
+  return (f"v5|{jax.devices()[0].device_kind}|devices={where}|jax={jax.__version__}|"
           f"dtype={jnp.dtype(bundle.dtype).name}|context={context}{host}")
 
 
@@ -100,27 +100,42 @@ def forward_time_curve(bundle, sizes, context: int = 128, repeats: int = 9,
   return {int(t): monotone[int(t)] for t in sizes}
 
 
+IN_LOOP = 4  # forwards per timed call: the curve is the in-loop cost, as inside the decode loop
+
+
 def _measure(bundle, todo: list[int], context: int, repeats: int) -> dict[int, float]:
-  """Median seconds per size, all sizes compiled first, then timed in interleaved rounds."""
+  """Median seconds per size, all sizes compiled first, then timed in interleaved rounds.
+
+  Each timed call runs IN_LOOP forwards in one jitted `fori_loop` (each forward's input depends
+  on the previous one's logits, so none is hoisted) and counts a forward as the call's time over
+  IN_LOOP: the cost a forward has inside the decode loop. One dispatched forward per call added
+  a fixed 15-18 ms on a slow day (T=1 49.5 vs 31.2 ms in a loop; the AR loop's step 31.4 ms),
+  which flattened the curve (T=4 1.19x instead of 1.59x) and made every sized method over-draft
+  (experiments/NOTES.md, session 17)."""
   graphdef = bundle.graphdef
 
   @jax.jit
-  def fwd(params, cache, tokens_BxT, mask_TxT):
+  def forwards(params, cache, tokens_BxT, mask_TxT):
     model = nnx.merge(graphdef, params)
     T = tokens_BxT.shape[1]
     pos = cache.lengths[:, None] + jnp.arange(T)[None]
-    return model(cache, tokens_BxT, pos, mask_TxT)[0]
+
+    def one(_, last):
+      tokens = tokens_BxT + (last > 1e30).astype(jnp.int32)  # a data dependency, never true
+      return model(cache, tokens, pos, mask_TxT)[0][0, -1, 0]
+
+    return jax.lax.fori_loop(0, IN_LOOP, one, jnp.zeros((), jnp.float32))
 
   slots = context + max(todo, default=1) + 1
   slots = -(-slots // 128) * 128
   cache = init_cache(bundle.config, 1, slots, bundle.dtype).replace(lengths=jnp.asarray([context], jnp.int32))
   inputs = {T: (jnp.ones((1, T), jnp.int32), jnp.tril(jnp.ones((T, T), bool))) for T in todo}
   for T in todo:  # compile (and warm) every size first
-    jax.block_until_ready(fwd(bundle.params, cache, *inputs[T]))
+    jax.block_until_ready(forwards(bundle.params, cache, *inputs[T]))
   times = {T: [] for T in todo}
   for _ in range(repeats):  # interleaved rounds: a slow spell of the machine hits every size alike
     for T in todo:
       t0 = time.perf_counter()
-      jax.block_until_ready(fwd(bundle.params, cache, *inputs[T]))
-      times[T].append(time.perf_counter() - t0)
+      jax.block_until_ready(forwards(bundle.params, cache, *inputs[T]))
+      times[T].append((time.perf_counter() - t0) / IN_LOOP)
   return {T: float(np.median(times[T])) for T in todo}

@@ -157,8 +157,8 @@ def shard_bundle(bundle, mesh: Mesh, rules: ShardingRules | None = None):
   """A copy of `bundle` whose params live on `mesh`; generate/stream then decode on it."""
   rules = rules or DEFAULT_RULES
   params = jax.device_put(bundle.params, param_shardings(bundle.params, mesh, rules, bundle.config))
-  return dataclasses.replace(bundle, params=params, mesh=mesh, rules=rules,
-                             method_memory={})  # memory is per device layout
+  return dataclasses.replace(bundle, params=params, mesh=mesh, rules=rules, huge_pages=False,
+                             method_memory={})  # memory is per device layout; XLA owns the copies
 
 
 def sharding_loader(mesh: Mesh, rules: ShardingRules | None = None):
