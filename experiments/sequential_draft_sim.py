@@ -7,8 +7,11 @@ hidden state after the final norm (what the LM head reads): draft logits = LM he
 Chained on its own outputs, z_{n+1}^ -> z_{n+2}^ ..., it drafts a path whose every token
 conditions on the ones before it. At decode time the root z_n is the verified forward's state
 of the last accepted node and token n+1 is the pending token, so depth 1 drafts token n+2 (the
-heads' offset 1). g: one fused linear over [z, e] (initialised to pass z through) and `blocks`
-pre-norm SwiGLU MLP blocks, ~3.3M parameters per block; no attention.
+heads' offset 1). g: one fused linear over [z, e] (initialised to pass z through), then either
+`--arch mlp`: `blocks` pre-norm SwiGLU MLP blocks (~3.3M parameters each; no attention), or
+`--arch attn` (EAGLE's shape): a trainable copy of the base model's last block, attending to the
+context's real K/V of that block (already in the cache when decoding) and to the chain's own
+earlier drafts, then the final norm.
 
 Training (self-distillation, `jaxspec.train.trainer.train`: optax, orbax checkpoints, resumable):
 anchors of the distilled greedy sequences; `unroll` steps each fed the previous step's own
@@ -43,6 +46,7 @@ def main() -> int:
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--blocks", type=int, default=1)
+  ap.add_argument("--arch", choices=("mlp", "attn"), default="mlp")
   ap.add_argument("--unroll", type=int, default=3)
   ap.add_argument("--window", type=int, default=256)
   ap.add_argument("--workdir", default="runs/sequential_draft")
@@ -58,7 +62,8 @@ def main() -> int:
   from jaxspec.distill import read_distilled
   from jaxspec.machine import machine_info
   from jaxspec.models.decoder import rms_norm
-  from jaxspec.models.kv_cache import init_cache
+  from jaxspec.models.kv_cache import init_cache, write_scratch
+  from jaxspec.models.rope import rope_cos_sin
   from jaxspec.train.data import ArrayDataset, held_out_groups
   from jaxspec.train.trainer import TrainConfig, train
 
@@ -75,10 +80,10 @@ def main() -> int:
     def run(params, empty, toks_BxS):
       m = nnx.merge(bundle.graphdef, params)
       pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), toks_BxS.shape)
-      logits, hidden, _ = m(empty, toks_BxS, pos, None, capture=(-1,))
+      logits, hidden, cache = m(empty, toks_BxS, pos, None, capture=(-1,))
       z = rms_norm(hidden[c.num_layers - 1], m.final_norm_E[...], eps)
       lp, ids = jax.lax.top_k(jax.nn.log_softmax(logits, -1), top_k)
-      return z.astype(jnp.float32), ids.astype(jnp.int32), lp
+      return z.astype(jnp.float32), ids.astype(jnp.int32), lp, cache.k[-1], cache.v[-1]
 
     toks = np.zeros((len(seqs), S), np.int32)
     for i, s in enumerate(seqs):
@@ -89,25 +94,39 @@ def main() -> int:
       chunk = toks[s:s + batch]
       out = run(bundle.params, empty, jnp.asarray(np.pad(chunk, ((0, batch - len(chunk)), (0, 0)))))
       parts.append([np.asarray(x)[:len(chunk)] for x in out])
-    z, ids, lp = (np.concatenate(xs) for xs in zip(*parts))
-    return toks, z, ids, lp
+    z, ids, lp, kl, vl = (np.concatenate(xs) for xs in zip(*parts))
+    return toks, z, ids, lp, kl, vl  # kl, vl: [N, K, S, D] the last block's K/V
 
   # ---- the drafter ----
   H = c.mlp_dim
+
+  last_gd, last_state = nnx.split(model.blocks[c.num_layers - 1])
 
   def init(key):
     ks = jax.random.split(key, 2 + 3 * args.blocks)
     p = {"A_ExE": jnp.eye(E), "B_ExE": 0.02 * jax.random.normal(ks[0], (E, E)), "b_E": jnp.zeros(E),
          "out_E": jnp.asarray(model.final_norm_E[...], jnp.float32), "blocks": []}
+    if args.arch == "attn":
+      p["last"] = jax.tree.map(lambda x: jnp.array(x, jnp.float32), last_state.to_pure_dict())
+      return p
     for j in range(args.blocks):
       k1, k2 = ks[2 + 3 * j], ks[3 + 3 * j]
       p["blocks"].append({"norm_E": jnp.ones(E), "gate_ExH": 0.02 * jax.random.normal(k1, (E, H)),
                           "up_ExH": 0.02 * jax.random.normal(k2, (E, H)), "down_HxE": jnp.zeros((H, E))})
     return p
 
-  def step(p, lm, z_BxE, tok_B):
-    """z_{n} and token n+1 -> z_{n+1}^ (post-norm: what the LM head reads)."""
+  def step(p, lm, z_BxE, tok_B, ctx=None):
+    """z_{n} and token n+1 -> z_{n+1}^ (post-norm: what the LM head reads). `ctx` (attn): (k, v
+    [B, K, S, D] the last block's cache, lengths [B] = slot of this draft) -> also the new k, v."""
     x = z_BxE @ p["A_ExE"] + lm["embed_VxE"][tok_B] @ p["B_ExE"] + p["b_E"]
+    if args.arch == "attn":
+      k, v, lengths = ctx
+      st = jax.tree.map(lambda x: x, last_state)
+      nnx.replace_by_pure_dict(st, p["last"])
+      block = nnx.merge(last_gd, st)
+      cos, sin = rope_cos_sin(lengths[:, None], c.head_dim, c.rope_theta)
+      y, k, v = block(x[:, None], cos, sin, k, v, lengths, jnp.ones((1, 1), bool), "auto")
+      return rms_norm(y[:, 0], p["out_E"], eps), (k, v, lengths + 1)
     for blk in p["blocks"]:
       y = rms_norm(x, blk["norm_E"], eps)
       x = x + (jax.nn.silu(y @ blk["gate_ExH"]) * (y @ blk["up_ExH"])) @ blk["down_HxE"]
@@ -117,7 +136,7 @@ def main() -> int:
   manifest, rows = read_distilled(args.data, bundle)
   seqs = [(r["prompt_ids"] + r["output_ids"])[-args.window:] for r in rows]
   t0 = time.perf_counter()
-  toks, z, ids, lp = teacher_pass(seqs, args.window)
+  toks, z, ids, lp, kl, vl = teacher_pass(seqs, args.window)
   teacher_s = time.perf_counter() - t0
   print(f"teacher pass: {len(seqs)} sequences in {teacher_s:.0f} s", flush=True)
   U = args.unroll
@@ -133,13 +152,19 @@ def main() -> int:
   mix = np.random.default_rng(8).permutation(int(is_eval.sum()))
   eval_set = ArrayDataset({k: v[is_eval][mix] for k, v in anchors.arrays.items()})
   frozen = {"toks": jnp.asarray(toks), "z": jnp.asarray(z), "ids": jnp.asarray(ids), "lp": jnp.asarray(lp), "lm": lm}
+  if args.arch == "attn":
+    frozen.update(kl=jnp.asarray(kl), vl=jnp.asarray(vl))
+  del kl, vl
+
+  two = lambda out: out if isinstance(out, tuple) else (out, None)
 
   def loss(p, fr, batch):
     seq, n = batch["seq"], batch["pos"]
     zc = fr["z"][seq, n]
+    ctx = (fr["kl"][seq], fr["vl"][seq], n + 1) if args.arch == "attn" else None
     kls, metrics = [], {}
     for d in range(1, U + 1):
-      zc = step(p, fr["lm"], zc, fr["toks"][seq, n + d])  # predicts the teacher's row n + d
+      zc, ctx = two(step(p, fr["lm"], zc, fr["toks"][seq, n + d], ctx))  # predicts the teacher's row n + d
       logq = jax.nn.log_softmax(zc @ fr["lm"]["head_ExV"], -1)
       t_ids, t_lp = fr["ids"][seq, n + d], fr["lp"][seq, n + d]
       pt = jax.nn.softmax(t_lp, -1)
@@ -151,7 +176,7 @@ def main() -> int:
                     eval_every=500, save_every=250, weight_decay=0.0)
   t0 = time.perf_counter()
   params, log = train(loss, init(jax.random.key(0)), frozen, train_set, cfg, args.workdir, eval_data=eval_set,
-                      run_info={"blocks": args.blocks, "unroll": U, "data": manifest.get("model_fingerprint")})
+                      run_info={"arch": args.arch, "blocks": args.blocks, "unroll": U, "data": manifest.get("model_fingerprint")})
   train_s = time.perf_counter() - t0
 
   # ---- eval: greedy chains on the held-out bench prompts' greedy text ----
@@ -160,13 +185,13 @@ def main() -> int:
   outs = api.generate(bundle, pids, "ar", max_new_tokens=args.new_tokens, temperature=0.0).token_ids
   full = [p + o for p, o in zip(pids, outs)]
   S = -(-max(len(s) for s in full) // 64) * 64
-  etoks, ez, _, _ = teacher_pass(full, S)
+  etoks, ez, _, _, ekl, evl = teacher_pass(full, S)
 
   @jax.jit
-  def chain(p, lm, z_AxE, root_A):
+  def chain(p, lm, z_AxE, root_A, ctx):
     zc, tok, tops, top3 = z_AxE, root_A, [], None
     for d in range(DEPTH):
-      zc = step(p, lm, zc, tok)
+      zc, ctx = two(step(p, lm, zc, tok, ctx))
       lg = zc @ lm["head_ExV"]
       if d == 0:
         top3 = jax.lax.top_k(lg, 3)[1]
@@ -179,7 +204,12 @@ def main() -> int:
     an = np.arange(len(pid) - 1, len(seq) - 1 - DEPTH)  # anchor n: n+1 pending, n+2.. drafted (as ht_heldout_accuracy)
     if len(an) == 0:
       continue
-    top, t3 = (np.asarray(x) for x in chain(params, lm, jnp.asarray(ez[i, an]), jnp.asarray(etoks[i, an + 1])))
+    ctx = None
+    if args.arch == "attn":
+      A = len(an)
+      ctx = (jnp.broadcast_to(ekl[i], (A,) + ekl.shape[1:]), jnp.broadcast_to(evl[i], (A,) + evl.shape[1:]),
+             jnp.asarray(an + 1, jnp.int32))
+    top, t3 = (np.asarray(x) for x in chain(params, lm, jnp.asarray(ez[i, an]), jnp.asarray(etoks[i, an + 1]), ctx))
     target = np.stack([np.asarray(seq)[an + 2 + d] for d in range(DEPTH)], 1)
     ok = top == target
     right += ok.sum(0)
