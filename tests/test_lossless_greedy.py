@@ -5,6 +5,7 @@ lengths, different acceptance per row) and two batch-1 calls per method configur
 import pytest
 
 import jaxspec
+import jaxspec.profiling
 from conftest import dev_prompts, random_heads_folder
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,12 @@ def ar_reference(smollm2, prompts):
 
 
 @pytest.mark.parametrize("method,opts", CONFIGS, ids=[f"{m}-{'-'.join(map(str, o.values()))}" for m, o in CONFIGS])
-def test_greedy_identical_to_ar(smollm2, prompts, ar_reference, method, opts, tmp_path):
+def test_greedy_identical_to_ar(smollm2, prompts, ar_reference, method, opts, tmp_path, monkeypatch):
+  if method == "auto":
+    # auto sizes its drafts from the device's forward-time curve, measured here under the other
+    # test worker's load: on a steep one it may rightly never draft in 20 tokens (CI, session 18).
+    # A flat curve makes every draft pay, so the acceptance check below cannot pass vacuously.
+    monkeypatch.setattr(jaxspec.profiling, "forward_time_curve", lambda bundle, sizes: {t: 1.0 for t in sizes})
   random_heads = opts.get("heads") == "random"
   if random_heads:
     opts = dict(opts, heads=str(random_heads_folder(smollm2, tmp_path / "heads", k=4, layer=26, noise=0.05)))
