@@ -3,7 +3,7 @@ timed in the same interleaved rounds, twice: where does one more token cost noth
 
 On the Xeon 6/167 (AVX-512/AMX) the cost rises in steps: T = 9..12, 13..16, 17..20 and 21..24
 each cost about the same, so a tree of 13 tokens pays for 16. Sizes at the end of a step are
-the ones worth running (experiments/NOTES.md, session 16). The disk-cached curve the sizing reads
+the ones worth running (experiments/LOG.md, session 16). The disk-cached curve the sizing reads
 is not touched.
 
     python experiments/forward_plateaus.py

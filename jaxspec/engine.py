@@ -125,7 +125,7 @@ def run_steps(params, state: DecodeState, num_steps: jax.Array, mparams=None, *,
 
 # XLA CPU's copy insertion, by default, copies every layer's K and V cache in the loop body
 # rather than prove that the forward's in-place cache write may follow the attention's read;
-# its region analysis proves it (measured: experiments/NOTES.md, session 9). Other backends
+# its region analysis proves it (measured: experiments/LOG.md, session 9). Other backends
 # ignore this option.
 COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
@@ -142,7 +142,7 @@ class CompiledCache:
 
   Lets callers time compilation separately from execution, and reuse executables across calls.
   Holds at most `max_entries`, dropping the least recently used: a decode loop of a 30-layer
-  model is ~100 MB of host memory on CPU (experiments/NOTES.md, session 14), and a long session
+  model is ~100 MB of host memory on CPU (experiments/LOG.md, session 14), and a long session
   that tries many methods would otherwise keep them all. A dropped one recompiles on its next
   use (seconds with the persistent XLA cache). `clear()` drops them all.
   """

@@ -111,7 +111,7 @@ def _measure(bundle, todo: list[int], context: int, repeats: int) -> dict[int, f
   IN_LOOP: the cost a forward has inside the decode loop. One dispatched forward per call added
   a fixed 15-18 ms on a slow day (T=1 49.5 vs 31.2 ms in a loop; the AR loop's step 31.4 ms),
   which flattened the curve (T=4 1.19x instead of 1.59x) and made every sized method over-draft
-  (experiments/NOTES.md, session 17)."""
+  (experiments/LOG.md, session 17)."""
   graphdef = bundle.graphdef
 
   @jax.jit

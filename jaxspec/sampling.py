@@ -64,7 +64,7 @@ def vocab_argmax(logits_xV: jax.Array) -> jax.Array:
 
   Two plain reductions (the max, then the first index holding it): XLA CPU vectorizes them,
   while `jnp.argmax`'s (value, index) reduce ran 4x slower over a 49k vocabulary (0.14 vs 0.034
-  ms a row; experiments/NOTES.md, session 14)."""
+  ms a row; experiments/LOG.md, session 14)."""
   V = logits_xV.shape[-1]
   if V > 2 ** 24:  # float32 holds every index exactly up to 2^24
     return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)

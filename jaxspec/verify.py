@@ -224,7 +224,7 @@ def _remove_token(p_V, z, x, reject):
   """(p, z) with token x's mass removed where `reject`: the residual after rejecting a
   deterministic draft x (q one-hot at x: max(0, p - q) is p without x). p is kept unnormalised,
   z is its mass: O(1) work, not a pass over the vocabulary per rejected child (a 17-node tree
-  paid depth x children such passes every step, drafting or not; experiments/NOTES.md, session 15)."""
+  paid depth x children such passes every step, drafting or not; experiments/LOG.md, session 15)."""
   px = p_V[x]
   return p_V.at[x].set(jnp.where(reject, 0.0, px)), jnp.where(reject, z - px, z)
 

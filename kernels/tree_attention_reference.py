@@ -17,7 +17,7 @@ mask; a tree is ancestor-or-self. The mask is [T, T] for the whole batch or [B, 
 
 Why the new tokens come apart from the cache: the attention then only reads the cache, so the
 caller's write of the new K/V can update it in place afterwards. Reading the cache after the
-write made XLA CPU copy every layer's K and V each decode step (experiments/NOTES.md).
+write made XLA CPU copy every layer's K and V each decode step (experiments/LOG.md, sessions 3 and 9).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import os
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jaxspec/xla"))
 # Huge pages for every malloc of the xdist workers (spawned after this runs; glibc >= 2.35 reads
 # it at process start, others ignore it): the suite's XLA buffers and compilations otherwise pay
-# a page walk per 4 KiB. Measured 1.6x faster on a VM (experiments/NOTES.md, session 17).
+# a page walk per 4 KiB. Measured 1.6x faster on a VM (experiments/LOG.md, session 17).
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 # Tests read a cached forward-time curve but never write one: two workers timing at once would
 # leave a busy machine's curve beside the model for every later run (it happened, session 17).
@@ -27,7 +27,7 @@ def _drop_compiled_functions():
   keeps recompiles cheap), and the freed heap is handed back to the OS: jaxspec's own
   `engine.COMPILED` held ~100 MB per decode loop of the real model, and with glibc the freed
   memory stayed in the process. Without this two workers once ran the 24 GiB machine out of
-  memory (experiments/NOTES.md, sessions 13-14)."""
+  memory (experiments/LOG.md, sessions 13-14)."""
   yield
   import ctypes
   import ctypes.util

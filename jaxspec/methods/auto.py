@@ -10,7 +10,7 @@ neither is expected to pay, each from the acceptance observed so far in this gen
 device's measured forward times. Drafts run within a loss bound (`max_loss`, default 0.05): were
 every draft rejected, a generation would still spend at most 5% more forward time than AR
 (draft_sizing; measured: worst prompt 0.95x AR vs 0.88x without, 1.14x vs 1.18x overall,
-experiments/NOTES.md, session 15). With `heads=DIR` it is hidden_transfer with those heads. The
+experiments/LOG.md, session 15). With `heads=DIR` it is hidden_transfer with those heads. The
 packaged hidden-transfer heads are not chosen by default: on unseen prompts they measured 1.09x
 AR beside this configuration's 1.15x in one run (session 13; their partial pass costs 0.15 of a
 forward on steps that verify a head's draft, and their step drafting nothing 1.05x an AR step).

@@ -23,7 +23,7 @@ only if, were every draft rejected, its generation would still have spent at mos
 1-token forwards, from the measured `time`). A generation whose drafts keep failing, e.g. a
 short answer the sizing has not learned yet, falls at most max_loss behind AR in forward time;
 one whose drafts were accepted has earned room to explore. The price is a slower start: the
-first draft waits until the steps before it have earned its cost (experiments/NOTES.md,
+first draft waits until the steps before it have earned its cost (experiments/LOG.md,
 session 15: `auto` 1.14x AR with the bound, worst prompt 0.95x; 1.18x without, worst 0.88x).
 Crediting half a draft's expected acceptance before it is seen measured worse on both counts.
 The size 1 (no draft) is always allowed.

@@ -192,10 +192,10 @@ class HiddenTransfer(draft_sizing.PrefixSizing, Method):
   heads: str | None = None
   nodes: int | str = 12
   adaptive: bool = True
-  lookup: int = 5  # measured: MAT 1.73 -> 2.21 on unseen prompts (experiments/NOTES.md, session 11)
+  lookup: int = 5  # measured: MAT 1.73 -> 2.21 on unseen prompts (experiments/LOG.md, session 11)
   max_ngram: int = 3
   min_ngram: int = 2
-  recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/NOTES.md, session 12)
+  recycle: int = 8  # measured: MAT 2.21 -> 2.29 at 12 nodes drafting every step (experiments/LOG.md, session 12)
   root_recycle: int = 2  # with recycle: depth-1 candidates from the pending token's matrix row
   draft_vocab: bool = True
   sizes: tuple[int, ...] | str | None = None  # adaptive: forward sizes, e.g. "1/4/9/14"; None: prefix_sizes

@@ -17,7 +17,7 @@ depth, distinct tokens of the candidates still matching the accepted prefix are 
 x accepted with probability p(x), on rejection p(x) <- 0 and p renormalised; when all fail the
 token is drawn from what is left of p. Both are lossless.
 
-Pay per draft (`adaptive=True`; off by default, measured slower here: experiments/NOTES.md,
+Pay per draft (`adaptive=True`; off by default, measured slower here: experiments/LOG.md,
 session 8): forward sizes 1 (pending token only), the
 candidate branch, and the whole layout. The candidates and the window run only while they are
 expected to pay: `hit`, an exponential average of the drafts accepted per step, gives expected

@@ -35,7 +35,7 @@ def _forward(method, model, attn_impl, sampling: SamplingConfig, size: int, cach
   and the new tokens' K/V, all zero-padded back to T (`mask_BxTxT`: per-row trees; None: the
   method's static layout). The target rows are computed here, over `size` rows: after the switch
   the argmax ran over all T rows (1.3 ms at T=17 on a 49k vocabulary, ~4% of a SmolLM2 step on
-  this CPU), and p too (experiments/NOTES.md, session 14). The cache is only read:
+  this CPU), and p too (experiments/LOG.md, session 14). The cache is only read:
   under `lax.switch`, XLA CPU updated a cache passed through the conditional in place in the first
   branch only and copied it in the others."""
   T = tokens_BxT.shape[1]

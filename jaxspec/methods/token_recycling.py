@@ -161,7 +161,7 @@ def recycle(M_Vxk, seen_V, draft: Draft, logits_BxTxV, sizes: tuple[int, ...], P
   `sizes`: the method's forward sizes, the last its tree's node count T. The top-k ranks only the
   rows of the size the step ran (the smallest holding its valid nodes; 1 when it verified no
   draft): rows past it were not computed, and their nodes are invalid, so their M rows stay.
-  At 17 rows of a 49k vocabulary the top-k is ~0.9 ms on this CPU (experiments/NOTES.md).
+  At 17 rows of a 49k vocabulary the top-k is ~0.9 ms on this CPU (experiments/LOG.md, session 14).
   With `P_Vxk` ([V, k] float32) also the candidates' probabilities: (M, seen, P)."""
   V, k = M_Vxk.shape
   B, T = logits_BxTxV.shape[0], sizes[-1]
