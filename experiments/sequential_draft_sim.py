@@ -17,7 +17,11 @@ Training (self-distillation, `jaxspec.train.trainer.train`: optax, orbax checkpo
 anchors of the distilled greedy sequences; `unroll` steps each fed the previous step's own
 output (as decoding does), loss = KL(teacher top-32 at n+d || drafter) averaged over steps.
 Eval: the base model's greedy text of the 26 held-out bench prompts; per anchor, the greedy
-chain (top-1 by depth, given all earlier depths right) and top-3 coverage at depth 1.
+chain (top-1 by depth, given all earlier depths right) and top-3 coverage at depth 1. Beside it,
+each source's chain on the true path: the drafter fed the true tokens, the Token Recycling matrix
+(each token's row = the top ids of its latest processed position, kept across prompts), its
+top-2, and the union of the drafter's and the matrix's top-1 (two candidates a depth, as the
+matrix's top-2): which second candidate a tree should hang under each node.
 
     python experiments/sequential_draft_sim.py --data runs/distill --prompts spec_bench_dev.jsonl
 """
@@ -185,7 +189,7 @@ def main() -> int:
   outs = api.generate(bundle, pids, "ar", max_new_tokens=args.new_tokens, temperature=0.0).token_ids
   full = [p + o for p, o in zip(pids, outs)]
   S = -(-max(len(s) for s in full) // 64) * 64
-  etoks, ez, _, _, ekl, evl = teacher_pass(full, S)
+  etoks, ez, eids, _, ekl, evl = teacher_pass(full, S)
 
   @jax.jit
   def chain(p, lm, z_AxE, root_A, ctx):
@@ -199,6 +203,21 @@ def main() -> int:
       tops.append(tok)
     return jnp.stack(tops, 1), top3
 
+  @jax.jit
+  def chain_on(p, lm, z_AxE, toks_AxD, ctx):
+    """Top-1 at each depth with the true tokens as inputs (own states): the drafter's children of
+    the true path's nodes, which is all a tree walk that follows the true path ever reads."""
+    zc, tops = z_AxE, []
+    for d in range(DEPTH):
+      zc, ctx = two(step(p, lm, zc, toks_AxD[:, d], ctx))
+      tops.append(jnp.argmax(zc @ lm["head_ExV"], -1))
+    return jnp.stack(tops, 1)
+
+  matrix = {}  # token -> top ids of its latest processed position; persists across prompts (bench order)
+  src = {"drafter": np.zeros(DEPTH), "matrix_top1": np.zeros(DEPTH), "matrix_top2": np.zeros(DEPTH),
+         "union_drafter_matrix_top1": np.zeros(DEPTH)}
+  src_den = {k: np.zeros(DEPTH) for k in src}
+  src_chain = {k: [] for k in src}
   right, cond_num, cond_den, chains, cover3, n_anchor = np.zeros(DEPTH), np.zeros(DEPTH), np.zeros(DEPTH), [], 0, 0
   for i, (pid, seq) in enumerate(zip(pids, full)):
     an = np.arange(len(pid) - 1, len(seq) - 1 - DEPTH)  # anchor n: n+1 pending, n+2.. drafted (as ht_heldout_accuracy)
@@ -219,6 +238,25 @@ def main() -> int:
     chains += list(prefix.sum(1))
     cover3 += int((t3 == target[:, :1]).any(1).sum())
     n_anchor += len(an)
+    # depth d drafts seq[n+2+d] under the true node seq[n+1+d]; matrix rows as of positions <= n
+    parents = np.stack([np.asarray(seq)[an + 1 + d] for d in range(DEPTH)], 1)
+    mrow = np.full((len(an), DEPTH, 2), -1, np.int32)  # the parents' rows as of position n
+    k = 0
+    for j in range(len(pid) - 1, len(seq)):  # position j processed: its token's row is rewritten
+      matrix[int(seq[j])] = eids[i, j, :2]
+      while k < len(an) and an[k] == j:
+        for d in range(DEPTH):
+          mrow[k, d] = matrix.get(int(parents[k, d]), mrow[k, d])
+        k += 1
+    tf = np.asarray(chain_on(params, lm, jnp.asarray(ez[i, an]), jnp.asarray(parents), ctx))
+    hits = {"drafter": tf == target, "matrix_top1": mrow[:, :, 0] == target,
+            "matrix_top2": (mrow == target[:, :, None]).any(-1)}
+    hits["union_drafter_matrix_top1"] = hits["drafter"] | hits["matrix_top1"]
+    for name, h in hits.items():
+      pre = np.cumprod(h, 1)
+      src_den[name] += np.concatenate([np.full((len(h), 1), 1), pre[:, :-1]], 1).sum(0)
+      src[name] += pre.sum(0)
+      src_chain[name] += list(pre.sum(1))
 
   last_eval = next((r for r in reversed(log) if "eval_loss" in r), {})
   result = {"machine": machine_info(), "args": vars(args), "teacher_pass_s": round(teacher_s, 1),
@@ -229,7 +267,12 @@ def main() -> int:
                         "top1_by_depth_unconditional": [round(float(x), 4) for x in right / n_anchor],
                         "top1_by_depth_given_prefix": [round(float(x), 4) for x in cond_num / np.maximum(cond_den, 1)],
                         "chain_mean": round(float(np.mean(chains)), 4),
-                        "depth1_top3_cover": round(cover3 / n_anchor, 4)}}
+                        "depth1_top3_cover": round(cover3 / n_anchor, 4),
+                        # each source's own chain on the true path (teacher-forced inputs): given the
+                        # prefix right, and mean accepted of a greedy walk over <= 1-2 candidates a depth
+                        "sources_given_prefix": {k: [round(float(x), 4) for x in src[k] / np.maximum(src_den[k], 1)]
+                                                 for k in src},
+                        "sources_chain_mean": {k: round(float(np.mean(v)), 4) for k, v in src_chain.items()}}}
   print(json.dumps(result["heldout"]), json.dumps(result["eval_split"]))
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=1))
